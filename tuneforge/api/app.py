@@ -1,0 +1,75 @@
+"""The control-plane application: `create_app(settings)` wires the store, the blobs and the routers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from tuneforge import __version__
+from tuneforge.api.errors import install_error_handlers
+from tuneforge.api.files import router as files
+from tuneforge.api.files.processing import FileProcessor
+from tuneforge.api.files.service import sweep_stale_uploads
+from tuneforge.api.identity import router as identity
+from tuneforge.settings import Settings
+from tuneforge.storage import open_blob_store
+from tuneforge.store import open_database
+
+log = logging.getLogger("tuneforge.api")
+
+
+def _upload_secret(settings: Settings) -> bytes:
+    """The key that signs upload URLs: the setting, or a random one kept in the home folder."""
+    if settings.upload_secret:
+        return settings.upload_secret.encode()
+    path = settings.home / "upload_secret"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip().encode()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    settings.ensure_home()
+    db = open_database(settings.database_url)
+    blobs = open_blob_store(settings.storage_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        swept = sweep_stale_uploads(db, blobs, older_than_s=settings.stale_upload_s)
+        requeued = app.state.processor.requeue_unfinished()
+        if swept or requeued:
+            log.info("start-up: %d stale uploads removed, %d file checks requeued", swept, requeued)
+        yield
+        app.state.processor.shutdown()
+        db.close()
+
+    app = FastAPI(
+        title="tuneforge",
+        version=__version__,
+        description="Self-hosted LLM fine-tuning, wire-compatible with the Together AI API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.blobs = blobs
+    app.state.upload_secret = _upload_secret(settings)
+    app.state.processor = FileProcessor(db, blobs, settings)
+    install_error_handlers(app)
+
+    v1 = APIRouter(prefix="/v1")
+    v1.include_router(files.router)
+    v1.include_router(identity.router)
+    app.include_router(v1)
+    app.include_router(identity.router_v3, prefix="/v3")
+    app.include_router(files.uploads)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    return app

@@ -1,0 +1,83 @@
+"""The one place where errors become HTTP answers, all in Together's envelope.
+
+`{"error": {"message", "type", "param", "code"}}`, for domain errors, request-validation failures,
+unknown routes and unexpected crashes alike (a framework's `{"detail": ...}` never leaks out).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tuneforge.errors import DuplicateFileError, TuneForgeError
+
+log = logging.getLogger("tuneforge.api")
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request_error",
+}
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    first_param = None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
+        where = ".".join(loc) or "body"
+        first_param = first_param or where
+        problems.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return "Invalid request: " + "; ".join(problems), first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TuneForgeError)
+    async def _domain(_request: Request, exc: TuneForgeError) -> JSONResponse:
+        body = error_body(exc.message, exc.error_type, exc.param, exc.code)
+        headers = {}
+        if isinstance(exc, DuplicateFileError):
+            body["file_id"] = exc.file_id
+            # Otherwise the SDK's generic retry logic sends the same POST twice more.
+            headers["x-should-retry"] = "false"
+        if exc.status_code >= 500:
+            log.error("request failed: %s", exc.message)
+            headers["x-should-retry"] = "false"
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        error_type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(error_body(message, error_type), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}", "server_error"),
+            status_code=500,
+            headers={"x-should-retry": "false"},
+        )

@@ -1,0 +1,217 @@
+"""Routes of the files API (contract section 1): parse, call the service, shape the answer."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tuneforge.api.deps import BlobsDep, DbDep, PrincipalDep, SettingsDep
+from tuneforge.api.files import service
+from tuneforge.api.files.schemas import (
+    FileDeleted,
+    FileList,
+    FilePublic,
+    MultipartAbort,
+    MultipartComplete,
+    MultipartInitiate,
+    MultipartInitiated,
+    MultipartPartURL,
+)
+from tuneforge.api.files.signing import signed_query, verify
+from tuneforge.errors import InvalidRequestError, PayloadTooLargeError
+
+router = APIRouter(prefix="/files", tags=["files"])
+uploads = APIRouter(prefix="/uploads", tags=["uploads"], include_in_schema=True)
+
+
+def _base_url(request: Request, public_url: str) -> str:
+    return (public_url or str(request.base_url)).rstrip("/")
+
+
+def _secret(request: Request) -> bytes:
+    secret: bytes = request.app.state.upload_secret
+    return secret
+
+
+@router.post("", status_code=302, response_class=Response)
+def create_file(
+    request: Request,
+    principal: PrincipalDep,
+    db: DbDep,
+    settings: SettingsDep,
+    purpose: Annotated[str, Form()],
+    file_name: Annotated[str, Form()],
+    file_type: Annotated[str, Form()],
+    checksum: Annotated[str, Form()],
+) -> Response:
+    """Open a single-PUT upload: answers 302 with the signed upload URL in `Location`."""
+    row = service.open_single_upload(
+        db,
+        settings,
+        owner=principal.owner,
+        purpose=purpose,
+        file_name=file_name,
+        file_type=file_type,
+        checksum=checksum,
+    )
+    query = signed_query(_secret(request), row.id, 0, settings.upload_url_ttl_s)
+    location = f"{_base_url(request, settings.public_url)}/uploads/{row.id}?{query}"
+    return Response(status_code=302, headers={"Location": location, "X-Together-File-Id": row.id})
+
+
+@uploads.put("/{file_id}", response_class=JSONResponse)
+async def put_file_content(
+    file_id: str, request: Request, expires: int, sig: str, db: DbDep, blobs: BlobsDep, settings: SettingsDep
+) -> JSONResponse:
+    """Receive the bytes of a single-PUT upload, streamed and checked against the declared SHA-256."""
+    verify(_secret(request), file_id, 0, expires, sig)
+    row = service.pending_upload(db, file_id=file_id, kind="single")
+    declared = _declared_length(request, settings.max_file_bytes)
+    sha = hashlib.sha256()
+    writer = blobs.writer(service.blob_key(file_id))
+    try:
+        size = await service.receive_body(request.stream(), writer, limit=settings.max_file_bytes, hashers=[sha])
+        service.finish_single_upload(db, row=row, size=size, digest=sha.hexdigest(), declared=declared)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    service.mark_uploaded(db, file_id=file_id, size=size)
+    return JSONResponse({"id": file_id, "bytes": size, "status": "uploaded"}, status_code=200)
+
+
+@uploads.put("/{file_id}/parts/{part_number}", response_class=JSONResponse)
+async def put_file_part(
+    file_id: str,
+    part_number: int,
+    request: Request,
+    expires: int,
+    sig: str,
+    db: DbDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    """Receive one part of a multipart upload; answers with its MD5 as the ETag."""
+    verify(_secret(request), file_id, part_number, expires, sig)
+    row = service.pending_upload(db, file_id=file_id, kind="multipart")
+    if not 1 <= part_number <= (row.num_parts or 0):
+        raise InvalidRequestError(f"part number {part_number} is outside 1..{row.num_parts}", param="part_number")
+    limit = row.expected_bytes or settings.max_file_bytes
+    declared = _declared_length(request, limit)
+    md5 = hashlib.md5(usedforsecurity=False)
+    writer = blobs.writer(service.part_key(file_id, part_number))
+    try:
+        size = await service.receive_body(request.stream(), writer, limit=limit, hashers=[md5])
+        if declared is not None and size != declared:
+            raise InvalidRequestError(f"part {part_number} truncated: received {size} of {declared} bytes")
+        if size == 0:
+            raise InvalidRequestError(f"part {part_number} is empty")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    etag = md5.hexdigest()
+    return JSONResponse({"part_number": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+
+
+def _declared_length(request: Request, limit: int) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    try:
+        declared = int(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Content-Length {raw!r} is not a number") from exc
+    if declared > limit:
+        raise PayloadTooLargeError(f"upload of {declared} bytes is over the limit of {limit} bytes")
+    return declared
+
+
+@router.post("/{file_id}/preprocess", response_model=FilePublic, response_model_by_alias=True)
+def preprocess_file(request: Request, file_id: str, principal: PrincipalDep, db: DbDep) -> FilePublic:
+    """Finalise an uploaded file and queue the server's own dataset check."""
+    row, changed = service.finalise(db, file_id=file_id, owner=principal.owner)
+    if changed:
+        request.app.state.processor.submit(file_id)
+    return service.to_public(row)
+
+
+@router.post("/multipart/initiate", response_model=MultipartInitiated)
+def initiate_multipart_upload(
+    request: Request, body: MultipartInitiate, principal: PrincipalDep, db: DbDep, settings: SettingsDep
+) -> MultipartInitiated:
+    row = service.open_multipart_upload(
+        db,
+        settings,
+        owner=principal.owner,
+        purpose=body.purpose,
+        file_name=body.file_name,
+        file_type=body.file_type,
+        checksum=body.checksum,
+        file_size=body.file_size,
+        num_parts=body.num_parts,
+    )
+    base = _base_url(request, settings.public_url)
+    parts = [
+        MultipartPartURL(
+            PartNumber=n,
+            URL=f"{base}/uploads/{row.id}/parts/{n}?{signed_query(_secret(request), row.id, n, settings.upload_url_ttl_s)}",
+        )
+        for n in range(1, body.num_parts + 1)
+    ]
+    return MultipartInitiated(upload_id=row.upload_id or "", file_id=row.id, parts=parts)
+
+
+@router.post("/multipart/complete", response_model=FilePublic, response_model_by_alias=True)
+def complete_multipart_upload(
+    request: Request, body: MultipartComplete, principal: PrincipalDep, db: DbDep, blobs: BlobsDep
+) -> FilePublic:
+    row = service.complete_multipart(
+        db,
+        blobs,
+        owner=principal.owner,
+        file_id=body.file_id,
+        upload_id=body.upload_id,
+        parts=[(p.part_number, p.etag) for p in body.parts],
+    )
+    request.app.state.processor.submit(row.id)
+    return service.to_public(row)
+
+
+@router.post("/multipart/abort")
+def abort_multipart_upload(body: MultipartAbort, principal: PrincipalDep, db: DbDep, blobs: BlobsDep) -> dict[str, object]:
+    service.abort_multipart(db, blobs, owner=principal.owner, file_id=body.file_id, upload_id=body.upload_id)
+    return {"file_id": body.file_id, "aborted": True}
+
+
+@router.get("", response_model=FileList, response_model_by_alias=True)
+def list_files(principal: PrincipalDep, db: DbDep) -> FileList:
+    return FileList(data=service.list_files(db, owner=principal.owner))
+
+
+@router.get("/{file_id}", response_model=FilePublic, response_model_by_alias=True)
+def retrieve_file(file_id: str, principal: PrincipalDep, db: DbDep) -> FilePublic:
+    return service.to_public(service.retrieve_file(db, owner=principal.owner, file_id=file_id))
+
+
+@router.get("/{file_id}/content")
+def retrieve_file_content(file_id: str, principal: PrincipalDep, db: DbDep, blobs: BlobsDep) -> StreamingResponse:
+    row = service.retrieve_file(db, owner=principal.owner, file_id=file_id)
+    return StreamingResponse(
+        service.stream_content(blobs, file_id),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(row.bytes),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}",
+        },
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, principal: PrincipalDep, db: DbDep, blobs: BlobsDep) -> FileDeleted:
+    service.delete_file(db, blobs, owner=principal.owner, file_id=file_id)
+    return FileDeleted(id=file_id, deleted=True)

@@ -1,0 +1,55 @@
+"""Settings: the only reader of environment variables.
+
+Built once at process start (`Settings()` or `Settings(home=...)`) and passed down explicitly.
+Every environment variable tuneforge reads is a field here, prefixed `TUNEFORGE_`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def default_home() -> Path:
+    return Path.home() / ".tuneforge"
+
+
+class Settings(BaseSettings):
+    """Everything configurable about a tuneforge process."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="folder for the database, blobs and caches")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///<home>/tuneforge.db")
+    storage_url: str = Field("", description="fsspec URL of the blob root; default <home>/blobs")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = Field(
+        "", description="base URL clients reach the server at (for upload URLs); default: the request's own"
+    )
+    upload_secret: str = Field("", description="HMAC key that signs upload URLs; default: random per home")
+    upload_url_ttl_s: int = 24 * 3600
+    stale_upload_s: int = 24 * 3600
+    max_file_bytes: int = int(50.1 * GIB)
+    multipart_threshold_bytes: int = 5 * GIB
+    max_line_bytes: int = 150 * MIB
+    max_report_errors: int = 20
+    validation_workers: int = 1
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'tuneforge.db'}"
+        if not self.storage_url:
+            self.storage_url = str(self.home / "blobs")
+        return self
+
+    def ensure_home(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)

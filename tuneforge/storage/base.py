@@ -1,0 +1,52 @@
+"""The BlobStore contract: put a stream atomically, open a stream, list, delete.
+
+Knows nothing about files, owners or the database: keys are plain `/`-separated strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO, Protocol
+
+
+class BlobWriter(Protocol):
+    """An in-progress write. Nothing is visible under the key until `commit()`."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Bytes by key. Writes are atomic: a reader sees the whole blob or none of it."""
+
+    url: str
+
+    def writer(self, key: str) -> BlobWriter: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def local_path(self, key: str) -> str | None:
+        """A filesystem path to the blob when the store is a local folder, else None."""
+        ...
+
+
+def iter_chunks(stream: BinaryIO, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Read a binary stream in chunks until it ends."""
+    while True:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            return
+        yield chunk

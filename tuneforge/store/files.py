@@ -1,0 +1,127 @@
+"""Named queries on the files table. Callers pass an owner; a file of another owner is never found."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from tuneforge.errors import NotFoundError
+from tuneforge.store.tables import FileRow
+
+VISIBLE = "ready"
+
+
+def insert_file(
+    session: Session,
+    *,
+    file_id: str,
+    owner: str,
+    filename: str,
+    purpose: str,
+    file_type: str,
+    checksum: str,
+    upload_kind: str = "single",
+    upload_id: str | None = None,
+    expected_bytes: int | None = None,
+    num_parts: int | None = None,
+) -> FileRow:
+    now = time.time()
+    row = FileRow(
+        id=file_id,
+        owner=owner,
+        filename=filename,
+        purpose=purpose,
+        file_type=file_type,
+        checksum=checksum,
+        bytes=0,
+        state="uploading",
+        processing_status=None,
+        validation_report=None,
+        upload_kind=upload_kind,
+        upload_id=upload_id,
+        expected_bytes=expected_bytes,
+        num_parts=num_parts,
+        error=None,
+        created_at=int(now),
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_file(session: Session, *, file_id: str, owner: str, states: tuple[str, ...] = (VISIBLE,)) -> FileRow:
+    """The owner's file in one of `states`; NotFoundError otherwise (also for another owner's file)."""
+    row = session.get(FileRow, file_id)
+    if row is None or row.owner != owner or row.state not in states:
+        raise NotFoundError(f"file {file_id!r} not found", param="id")
+    return row
+
+
+def get_file_any_owner(session: Session, *, file_id: str) -> FileRow | None:
+    """For signed upload URLs, which carry no API key: the signature names the file."""
+    return session.get(FileRow, file_id)
+
+
+def list_files(session: Session, *, owner: str) -> list[FileRow]:
+    stmt = select(FileRow).where(FileRow.owner == owner, FileRow.state == VISIBLE).order_by(FileRow.created_at)
+    return list(session.scalars(stmt))
+
+
+def find_duplicate(session: Session, *, owner: str, checksum: str, purpose: str) -> FileRow | None:
+    stmt = select(FileRow).where(
+        FileRow.owner == owner,
+        FileRow.checksum == checksum,
+        FileRow.purpose == purpose,
+        FileRow.state == VISIBLE,
+    )
+    return session.scalars(stmt).first()
+
+
+def set_state(
+    session: Session, *, file_id: str, from_states: tuple[str, ...], to_state: str, **values: Any
+) -> bool:
+    """Move a file from one of `from_states` to `to_state` in one conditional update."""
+    result = session.execute(
+        update(FileRow)
+        .where(FileRow.id == file_id, FileRow.state.in_(from_states))
+        .values(state=to_state, updated_at=time.time(), **values)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def set_processing(
+    session: Session,
+    *,
+    file_id: str,
+    status: str,
+    report: dict[str, Any] | None = None,
+    from_statuses: tuple[str | None, ...] | None = None,
+) -> bool:
+    stmt = update(FileRow).where(FileRow.id == file_id, FileRow.state == VISIBLE)
+    if from_statuses is not None:
+        stmt = stmt.where(FileRow.processing_status.in_([s for s in from_statuses if s is not None]))
+    values: dict[str, Any] = {"processing_status": status, "updated_at": time.time()}
+    if report is not None:
+        values["validation_report"] = report
+    result = session.execute(stmt.values(**values))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def files_with_processing(session: Session, *, statuses: tuple[str, ...]) -> list[FileRow]:
+    stmt = select(FileRow).where(FileRow.state == VISIBLE, FileRow.processing_status.in_(statuses))
+    return list(session.scalars(stmt))
+
+
+def stale_uploads(session: Session, *, older_than: float) -> list[FileRow]:
+    stmt = select(FileRow).where(FileRow.state.in_(("uploading", "uploaded")), FileRow.updated_at < older_than)
+    return list(session.scalars(stmt))
+
+
+def delete_row(session: Session, *, file_id: str) -> None:
+    row = session.get(FileRow, file_id)
+    if row is not None:
+        session.delete(row)
