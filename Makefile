@@ -1,0 +1,35 @@
+# tuneforge: set-up, demo and tests. `make demo` and `make test` each do all set-up on a fresh machine.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench-check-file clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "needs $(PY)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tuneforge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check tuneforge tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench-check-file: $(STAMP)
+	$(BIN)/python bench/check_file.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
