@@ -47,7 +47,9 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="a label for the key")],
-    owner: Annotated[str | None, typer.Option("--owner", help="who owns what the key creates (default: the name)")] = None,
+    owner: Annotated[
+        str | None, typer.Option("--owner", help="who owns what the key creates (default: the name)")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Create an API key and print it (only the key, so scripts can capture it)."""

@@ -52,8 +52,6 @@ def get_principal(request: Request, db: Annotated[Database, Depends(get_db)]) ->
         return Principal(owner=key.owner, key_id=key.id, key_name=key.name)
 
 
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[Database, Depends(get_db)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]

@@ -65,8 +65,18 @@ def run_demo(*, home: Path | None = None, port: int = 0) -> int:
     log_path = settings.home / "demo-server.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--home", str(settings.home)],
+            [
+                sys.executable,
+                "-m",
+                "tuneforge.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--home",
+                str(settings.home),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -15,7 +15,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tuneforge.errors import NotFoundError, StorageError
 
-
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs"}
 
 

@@ -81,9 +81,7 @@ def find_duplicate(session: Session, *, owner: str, checksum: str, purpose: str)
     return session.scalars(stmt).first()
 
 
-def set_state(
-    session: Session, *, file_id: str, from_states: tuple[str, ...], to_state: str, **values: Any
-) -> bool:
+def set_state(session: Session, *, file_id: str, from_states: tuple[str, ...], to_state: str, **values: Any) -> bool:
     """Move a file from one of `from_states` to `to_state` in one conditional update."""
     result = session.execute(
         update(FileRow)

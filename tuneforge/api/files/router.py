@@ -156,11 +156,9 @@ def initiate_multipart_upload(
         num_parts=body.num_parts,
     )
     base = _base_url(request, settings.public_url)
+    secret, ttl = _secret(request), settings.upload_url_ttl_s
     parts = [
-        MultipartPartURL(
-            PartNumber=n,
-            URL=f"{base}/uploads/{row.id}/parts/{n}?{signed_query(_secret(request), row.id, n, settings.upload_url_ttl_s)}",
-        )
+        MultipartPartURL(PartNumber=n, URL=f"{base}/uploads/{row.id}/parts/{n}?{signed_query(secret, row.id, n, ttl)}")
         for n in range(1, body.num_parts + 1)
     ]
     return MultipartInitiated(upload_id=row.upload_id or "", file_id=row.id, parts=parts)
@@ -183,7 +181,9 @@ def complete_multipart_upload(
 
 
 @router.post("/multipart/abort")
-def abort_multipart_upload(body: MultipartAbort, principal: PrincipalDep, db: DbDep, blobs: BlobsDep) -> dict[str, object]:
+def abort_multipart_upload(
+    body: MultipartAbort, principal: PrincipalDep, db: DbDep, blobs: BlobsDep
+) -> dict[str, object]:
     service.abort_multipart(db, blobs, owner=principal.owner, file_id=body.file_id, upload_id=body.upload_id)
     return {"file_id": body.file_id, "aborted": True}
 

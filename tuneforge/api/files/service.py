@@ -158,9 +158,7 @@ def open_multipart_upload(
         )
 
 
-async def receive_body(
-    body: AsyncIterator[bytes], writer: BlobWriter, *, limit: int, hashers: list[Any]
-) -> int:
+async def receive_body(body: AsyncIterator[bytes], writer: BlobWriter, *, limit: int, hashers: list[Any]) -> int:
     """Stream a request body into `writer`, updating `hashers`; returns the byte count.
 
     Hashing and writing run in a worker thread on blocks of a few MiB, so the event loop stays free
@@ -262,7 +260,7 @@ def complete_multipart(
                 raise InvalidRequestError(f"part {n} was never uploaded", param="parts")
             md5 = hashlib.md5(usedforsecurity=False)
             with blobs.open(key) as fh:
-                for block in iter(lambda fh=fh: fh.read(FLUSH_BYTES), b""):
+                while block := fh.read(FLUSH_BYTES):
                     md5.update(block)
                     sha.update(block)
                     writer.write(block)

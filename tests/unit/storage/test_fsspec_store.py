@@ -1,0 +1,63 @@
+"""BlobStore behaviour on a local folder and in memory: atomic writes, listing, deletion."""
+
+import uuid
+
+import pytest
+
+from tuneforge.errors import NotFoundError, StorageError
+from tuneforge.storage import open_blob_store
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_blob_store(str(tmp_path / "blobs"))
+    return open_blob_store(f"memory://tf-{uuid.uuid4().hex}")
+
+
+def test_write_is_invisible_until_commit(store):
+    w = store.writer("files/a")
+    w.write(b"hello ")
+    w.write(b"world")
+    assert not store.exists("files/a")
+    w.commit()
+    assert store.exists("files/a")
+    assert store.size("files/a") == 11
+    with store.open("files/a") as fh:
+        assert fh.read() == b"hello world"
+
+
+def test_abort_leaves_nothing_behind(store):
+    w = store.writer("files/b")
+    w.write(b"partial")
+    w.abort()
+    assert not store.exists("files/b")
+    assert store.list("files") == []
+    assert store.list(".tmp") == []
+
+
+def test_list_and_delete_prefix(store):
+    for n in (1, 2, 3):
+        with store.writer(f"uploads/x/part-{n}") as w:
+            w.write(b"p")
+    assert store.list("uploads/x") == ["uploads/x/part-1", "uploads/x/part-2", "uploads/x/part-3"]
+    store.delete_prefix("uploads/x")
+    assert store.list("uploads/x") == []
+
+
+def test_missing_blob_is_not_found(store):
+    with pytest.raises(NotFoundError):
+        store.open("files/none")
+    store.delete("files/none")  # deleting twice is fine
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a"])
+def test_keys_cannot_escape_the_root(store, key):
+    with pytest.raises(StorageError):
+        store.writer(key)
+
+
+def test_local_path_only_for_local_folders(tmp_path):
+    local = open_blob_store(str(tmp_path / "b"))
+    assert local.local_path("files/x") == str(tmp_path / "b" / "files" / "x")
+    assert open_blob_store("memory://x").local_path("files/x") is None
