@@ -38,6 +38,10 @@ class BlobStore(Protocol):
 
     def list(self, prefix: str) -> list[str]: ...
 
+    def sweep_temporary(self, older_than_s: float) -> int:
+        """Remove leftovers of writes that never committed (a crash mid-write), older than the cutoff."""
+        ...
+
     def local_path(self, key: str) -> str | None:
         """A filesystem path to the blob when the store is a local folder, else None."""
         ...

@@ -7,6 +7,8 @@ stores a single PUT (or a multipart upload that is only completed on close) is a
 from __future__ import annotations
 
 import contextlib
+import datetime
+import time
 import uuid
 from typing import Any, BinaryIO, cast
 
@@ -128,6 +130,24 @@ class FsspecBlobStore:
             return []
         strip = len(self.root) + 1
         return sorted(p[strip:] if p.startswith(self.root) else p for p in found)
+
+    def sweep_temporary(self, older_than_s: float) -> int:
+        tmp = f"{self.root}/.tmp"
+        try:
+            entries = self.fs.ls(tmp, detail=True)
+        except FileNotFoundError:
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for info in entries:
+            stamp = info.get("mtime") or info.get("created") or info.get("LastModified")
+            if isinstance(stamp, datetime.datetime):
+                stamp = stamp.timestamp()
+            if stamp is not None and float(stamp) < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(info["name"])
+                removed += 1
+        return removed
 
     def local_path(self, key: str) -> str | None:
         return self._path(key) if self.is_local else None

@@ -61,3 +61,11 @@ def test_local_path_only_for_local_folders(tmp_path):
     local = open_blob_store(str(tmp_path / "b"))
     assert local.local_path("files/x") == str(tmp_path / "b" / "files" / "x")
     assert open_blob_store("memory://x").local_path("files/x") is None
+
+
+def test_sweep_removes_only_old_temporary_writes(store):
+    old = store.writer("files/crashed")
+    old.write(b"half")
+    assert store.sweep_temporary(older_than_s=3600) == 0
+    assert store.sweep_temporary(older_than_s=-1) == 1
+    assert store.list(".tmp") == []

@@ -70,11 +70,12 @@ class FileProcessor:
             log.info("file %s was deleted before its check finished", file_id)
         except Exception as exc:
             log.exception("validation of %s failed", file_id)
+            # `error`/`error_type` are kept for dataset problems (the SDK types error_type as
+            # "INVALID_FORMAT" only); a broken check says why in its own key.
             wire = {
                 "valid": False,
                 "file_id": file_id,
-                "error": f"the server could not check this file: {type(exc).__name__}: {exc}",
-                "error_type": "PROCESSING_FAILED",
+                "processing_error": f"the server could not check this file: {type(exc).__name__}: {exc}",
             }
             with self._db.session() as s:
                 repo.set_processing(s, file_id=file_id, status="FAILED", report=wire)

@@ -328,4 +328,5 @@ def sweep_stale_uploads(db: Database, blobs: BlobStore, *, older_than_s: float) 
     for file_id in ids:
         blobs.delete_prefix(f"uploads/{file_id}")
         blobs.delete(blob_key(file_id))
+    blobs.sweep_temporary(older_than_s)
     return len(ids)
