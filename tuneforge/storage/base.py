@@ -18,6 +18,10 @@ class BlobWriter(Protocol):
 
     def abort(self) -> None: ...
 
+    def __enter__(self) -> BlobWriter: ...
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None: ...
+
 
 class BlobStore(Protocol):
     """Bytes by key. Writes are atomic: a reader sees the whole blob or none of it."""

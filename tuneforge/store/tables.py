@@ -57,3 +57,69 @@ class FileRow(Base):
         Index("ix_files_owner_state", "owner", "state"),
         Index("ix_files_owner_checksum", "owner", "checksum"),
     )
+
+
+class JobRow(Base):
+    """One fine-tuning job. `params` holds the normalised request; the columns hold what is queried."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(300))
+    output_name: Mapped[str] = mapped_column(String(400), unique=True)
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Secrets the run needs (the W&B key); never serialised into an answer, an event or a log.
+    secrets: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    runner: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    deleted: Mapped[bool] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index("ix_jobs_status_created", "status", "created_at"),
+    )
+
+
+class JobEventRow(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    type: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class JobMetricRow(Base):
+    __tablename__ = "job_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    logged_at: Mapped[float] = mapped_column(Float)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "job_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))  # intermediate | final
+    path: Mapped[str] = mapped_column(String(400))  # blob prefix of the checkpoint folder
+    created_at: Mapped[float] = mapped_column(Float)

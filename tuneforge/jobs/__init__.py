@@ -1,0 +1,1 @@
+"""Fine-tune jobs: states, the queue, the worker and the executors that run training processes."""
