@@ -6,6 +6,7 @@ Every environment variable tuneforge reads is a field here, prefixed `TUNEFORGE_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -13,6 +14,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
 MIB = 1 << 20
+
+
+def inherited_environment() -> dict[str, str]:
+    """The environment a child process (a training run) starts from: this process's own."""
+    return dict(os.environ)
 
 
 def default_home() -> Path:
@@ -41,6 +47,14 @@ class Settings(BaseSettings):
     max_report_errors: int = 20
     validation_workers: int = 1
     log_level: str = "info"
+    executor: str = Field("local", description="how training runs: local (a child process per job) or fake")
+    run_worker: bool = Field(True, description="run the job worker inside the API server")
+    train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
+    train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
+    train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")
+    max_attempts: int = Field(3, description="how often a job whose process died is resumed before it fails")
+    cancel_grace_s: float = Field(20.0, description="seconds a cancelled run gets to checkpoint before SIGKILL")
+    heartbeat_timeout_s: float = Field(600.0, description="a run silent this long is treated as dead")
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -15,6 +15,8 @@ from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
 from tuneforge.api.files.service import sweep_stale_uploads
 from tuneforge.api.identity import router as identity
+from tuneforge.jobs.executors.registry import make_executor
+from tuneforge.jobs.worker import Worker
 from tuneforge.settings import Settings
 from tuneforge.storage import open_blob_store
 from tuneforge.store import open_database
@@ -44,7 +46,11 @@ def create_app(settings: Settings) -> FastAPI:
         requeued = app.state.processor.requeue_unfinished()
         if swept or requeued:
             log.info("start-up: %d stale uploads removed, %d file checks requeued", swept, requeued)
+        if app.state.worker is not None:
+            app.state.worker.start()
         yield
+        if app.state.worker is not None:
+            app.state.worker.stop()
         app.state.processor.shutdown()
         db.close()
 
@@ -59,6 +65,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.blobs = blobs
     app.state.upload_secret = _upload_secret(settings)
     app.state.processor = FileProcessor(db, blobs, settings)
+    app.state.worker = (
+        Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
+        if settings.run_worker
+        else None
+    )
     install_error_handlers(app)
 
     v1 = APIRouter(prefix="/v1")

@@ -1,0 +1,147 @@
+"""The worker against real SQLite and a scripted executor: every job ends in exactly one terminal state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tuneforge.jobs.executors.fake import FakeExecutor
+from tuneforge.jobs.worker import Worker
+from tuneforge.settings import Settings
+from tuneforge.storage import open_blob_store
+from tuneforge.store import jobs as repo
+from tuneforge.store import open_database
+from tuneforge.store.tables import JobRow
+
+
+def _insert(db, job_id: str, created: float | None = None) -> None:
+    now = created or time.time()
+    row = JobRow(
+        id=job_id, owner="alice", status="queued", model="m", output_name=f"alice/m-{job_id}",
+        training_file="file-x", validation_file=None, request_hash=job_id, error=None, progress={},
+        params={"model_source": {"name": "m", "source_kind": "local", "source": "/m"}, "hyper": {"n_epochs": 2},
+                "request": {}, "method": "sft"},
+        secrets={"wandb_key": "wandb-secret-123"}, runner=None, attempt=0, created_at=now, updated_at=now, deleted=0,
+    )  # fmt: skip
+    with db.session() as s:
+        repo.insert_job(s, row=row, event_type="job_pending", message="created")
+
+
+def _drive(worker: Worker, job_id: str, timeout: float = 10) -> JobRow:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.tick()
+        with worker.db.session() as s:
+            job = repo.get_job(s, job_id=job_id)
+        if job.status in ("completed", "cancelled", "error", "user_error"):
+            return job
+        time.sleep(0.01)
+    raise AssertionError(f"job stuck in {job.status}")
+
+
+@pytest.fixture
+def env(tmp_path):
+    settings = Settings(home=tmp_path / "home", executor="fake", max_attempts=2, cancel_grace_s=5)
+    settings.ensure_home()
+    db = open_database(settings.database_url)
+    blobs = open_blob_store(settings.storage_url)
+    return settings, db, blobs
+
+
+def test_a_job_runs_to_completion_with_its_events_metrics_and_checkpoints(env):
+    settings, db, blobs = env
+    executor = FakeExecutor(steps=6)
+    worker = Worker(db, blobs, settings, executor)
+    _insert(db, "ft-1")
+    job = _drive(worker, "ft-1")
+    assert job.status == "completed" and job.attempt == 1 and job.runner is None
+    with db.session() as s:
+        types = [e.type for e in repo.list_events(s, job_id="ft-1")]
+        assert types == ["job_pending", "job_start", "training_start", "model_uploading", "job_complete"]
+        assert [m.step for m in repo.list_metrics(s, job_id="ft-1")] == [1, 2, 3, 4, 5, 6]
+        checkpoints = [(c.step, c.kind) for c in repo.list_checkpoints(s, job_id="ft-1")]
+        assert checkpoints == [(3, "intermediate"), (6, "final")]
+    assert job.progress["steps_completed"] == 6 and job.progress["total_steps"] == 6
+    spec = executor.started[0]
+    assert spec.hyper.n_epochs == 2 and spec.training_file_key == "files/file-x"
+    assert b"wandb-secret-123" not in spec.to_json()  # secrets travel in the environment only
+    assert blobs.exists("jobs/ft-1/spec.json")
+
+
+def test_cancel_stops_a_running_job(env):
+    settings, db, blobs = env
+    worker = Worker(db, blobs, settings, FakeExecutor(steps=1000, step_s=0.01))
+    _insert(db, "ft-c")
+    worker.tick()
+    with db.session() as s:
+        assert repo.transition(s, job_id="ft-c", from_statuses=("running",), to_status="cancel_requested",
+                               event_type="cancel_requested", message="cancel")  # fmt: skip
+    worker.request_cancel("ft-c")
+    job = _drive(worker, "ft-c")
+    assert job.status == "cancelled"
+    assert job.progress.get("steps_completed", 0) < 1000
+
+
+def test_a_failing_run_ends_in_error_with_its_reason(env):
+    settings, db, blobs = env
+    worker = Worker(db, blobs, settings, FakeExecutor(steps=5, fail_at=2))
+    _insert(db, "ft-e")
+    job = _drive(worker, "ft-e")
+    assert job.status == "error" and "scripted failure at step 2" in job.error
+
+
+class DyingExecutor(FakeExecutor):
+    """Runs die (exit -9) without a result after writing a checkpoint, like a SIGKILLed trainer."""
+
+    def poll(self, handle):
+        code = super().poll(handle)
+        return -9 if code is not None else None
+
+    def _play(self, spec, state):
+        from tuneforge.train.events import EventWriter
+
+        out = EventWriter(spec.events_path)
+        out.progress(2, 10)
+        out.checkpoint(2, f"{spec.output_prefix}/checkpoints/step-000002")
+        state["code"] = -9
+
+
+def test_a_dead_run_is_resumed_from_its_checkpoint_then_given_up(env):
+    settings, db, blobs = env
+    executor = DyingExecutor()
+    worker = Worker(db, blobs, settings, executor)
+    _insert(db, "ft-d")
+    job = _drive(worker, "ft-d")
+    assert job.status == "error" and "stopped unexpectedly" in job.error and job.attempt == 2
+    assert executor.started[0].resume is None
+    assert executor.started[1].resume is not None and executor.started[1].resume.step == 2
+    with db.session() as s:
+        assert "job_restarted" in [e.type for e in repo.list_events(s, job_id="ft-d")]
+
+
+def test_one_slot_runs_jobs_in_order(env):
+    settings, db, blobs = env
+    executor = FakeExecutor(steps=3)
+    worker = Worker(db, blobs, settings, executor)
+    t = time.time()
+    _insert(db, "ft-a", created=t)
+    _insert(db, "ft-b", created=t + 1)
+    worker.tick()
+    with db.session() as s:
+        assert repo.get_job(s, job_id="ft-a").status == "running"
+        assert repo.get_job(s, job_id="ft-b").status == "queued"
+        assert repo.queue_depth(s, created_at=t + 1) == 0
+    assert _drive(worker, "ft-b").status == "completed"
+    assert [spec.job_id for spec in executor.started] == ["ft-a", "ft-b"]
+
+
+def test_after_a_restart_orphaned_runs_are_resumed(env):
+    settings, db, blobs = env
+    first = Worker(db, blobs, settings, DyingExecutor())
+    _insert(db, "ft-r")
+    first.tick()  # started; the "server" now goes away without seeing the run end
+    second = Worker(db, blobs, settings, FakeExecutor(steps=4))
+    second.recover()
+    job = _drive(second, "ft-r")
+    assert job.status == "completed"

@@ -1,0 +1,74 @@
+"""The `local` executor: each run is a child process `python -m tuneforge.train SPEC` on this machine.
+
+The child gets its own session, so it survives a server restart and can be adopted again by pid; its
+stdout and stderr go to a log file next to the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+from tuneforge.jobs.executors.base import Handle
+from tuneforge.train.spec import TrainSpec
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self) -> None:
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, spec: TrainSpec, *, spec_path: str, env: dict[str, str]) -> Handle:
+        log_path = os.path.join(os.path.dirname(spec_path), f"train-{spec.attempt}.log")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tuneforge.train", spec_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self._children[proc.pid] = proc
+        return {"executor": self.name, "pid": proc.pid, "log_path": log_path, "spec_path": spec_path}
+
+    def poll(self, handle: Handle) -> int | None:
+        pid = int(handle["pid"])
+        proc = self._children.get(pid)
+        if proc is not None:
+            code = proc.poll()
+            if code is not None:
+                self._children.pop(pid, None)
+            return code
+        # A run adopted after a restart is not our child: watch its pid instead.
+        return None if _alive(pid, handle.get("spec_path")) else -1
+
+    def cancel(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGTERM)
+
+    def kill(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGKILL)
+
+    def _signal(self, handle: Handle, sig: int) -> None:
+        pid = int(handle["pid"])
+        if pid in self._children or _alive(pid, handle.get("spec_path")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def _alive(pid: int, spec_path: str | None) -> bool:
+    """True when `pid` still runs and is our training process (pids are reused)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read().decode(errors="replace")
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    if state == "Z":
+        return False
+    return "tuneforge.train" in cmdline and (spec_path is None or spec_path in cmdline)
