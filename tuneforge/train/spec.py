@@ -12,16 +12,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from tuneforge.catalog.source import ModelSource
+
 SPEC_VERSION = 1
 
-
-class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
-    """Where the base weights come from (a catalog entry, resolved)."""
-
-    name: str
-    source_kind: str  # hub | local | gguf | gguf-package | output
-    source: str
-    revision: str | None = None
+__all__ = ["Hyper", "InitWeights", "ModelSource", "Resume", "TrainSpec", "WandbConfig", "load_spec"]
 
 
 class InitWeights(msgspec.Struct, frozen=True, kw_only=True):
