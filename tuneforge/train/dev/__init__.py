@@ -1,0 +1,1 @@
+"""Development helpers for the compute plane (tiny models for tests and benchmarks)."""
