@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from tuneforge.settings import Settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tuneforge: self-hosted LLM fine-tuning.")
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
 app.add_typer(keys_app, name="keys")
+models_app = typer.Typer(no_args_is_help=True, help="The model catalog: list, add and remove base models.")
+app.add_typer(models_app, name="models")
 
 HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="tuneforge home folder (default: $TUNEFORGE_HOME or ~/.tuneforge)")
@@ -102,6 +105,109 @@ def keys_revoke(
     except NotFoundError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc
+
+
+@models_app.command("list")
+def models_list(home: HomeOpt = None) -> None:
+    """List the catalog: name, source and the main limits."""
+    from tuneforge.catalog.registry import Catalog
+    from tuneforge.storage import open_blob_store
+
+    settings = _settings(home)
+    settings.ensure_home()
+    typer.echo(f"{'NAME':<45} {'SOURCE':<60} {'MAX SEQ':>8} {'LORA':>5} {'FULL':>5}")
+    for e in Catalog(open_blob_store(settings.storage_url)).list():
+        source = f"{e.source_kind}:{e.source}"
+        lim = e.limits
+        typer.echo(
+            f"{e.name:<45} {source:<60} {lim.max_seq_length:>8} {lim.supports_lora!s:>5} {lim.supports_full!s:>5}"
+        )
+
+
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="the name jobs will use, e.g. my-org/my-model")],
+    source: Annotated[str, typer.Option(help="hub:ORG/NAME, local:/path/to/folder, gguf:/path/file.gguf")],
+    revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit)")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="longest training sequence")] = None,
+    no_full: Annotated[bool, typer.Option("--no-full", help="refuse full fine-tuning")] = False,
+    vision: Annotated[bool, typer.Option("--vision", help="a vision-language model")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="replace an entry of the same name")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Add a base model to the catalog."""
+    from tuneforge.catalog.entries import SOURCE_KINDS, ModelEntry
+    from tuneforge.catalog.registry import Catalog
+    from tuneforge.errors import TuneForgeError
+    from tuneforge.storage import open_blob_store
+
+    kind, _, location = source.partition(":")
+    if kind not in SOURCE_KINDS or not location:
+        typer.echo(f"error: --source must be KIND:LOCATION with KIND one of {', '.join(SOURCE_KINDS)}", err=True)
+        raise typer.Exit(2)
+    if kind in ("local", "gguf"):
+        location = str(Path(location).expanduser().resolve())
+        if not Path(location).exists():
+            typer.echo(f"error: {location} does not exist", err=True)
+            raise typer.Exit(2)
+    changes: dict[str, Any] = {"supports_full": not no_full, "supports_vision": vision}
+    if max_seq_length is not None:
+        changes.update(max_seq_length=max_seq_length, max_seq_length_dpo=max_seq_length)
+    entry = ModelEntry(name=name, source_kind=kind, source=location, revision=revision).with_limits(**changes)  # type: ignore[arg-type]
+    settings = _settings(home)
+    settings.ensure_home()
+    try:
+        Catalog(open_blob_store(settings.storage_url)).add(entry, replace=replace)
+    except TuneForgeError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"added {name} ({kind}:{location})")
+
+
+@models_app.command("remove")
+def models_remove(name: Annotated[str, typer.Argument()], home: HomeOpt = None) -> None:
+    """Remove a model that was added to the catalog."""
+    from tuneforge.catalog.registry import Catalog
+    from tuneforge.errors import TuneForgeError
+    from tuneforge.storage import open_blob_store
+
+    settings = _settings(home)
+    settings.ensure_home()
+    try:
+        Catalog(open_blob_store(settings.storage_url)).remove(name)
+    except TuneForgeError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"removed {name}")
+
+
+@app.command()
+def worker(home: HomeOpt = None) -> None:
+    """Run the job worker on its own (for servers started with TUNEFORGE_RUN_WORKER=false)."""
+    import signal
+    import threading
+
+    from tuneforge.jobs.executors.registry import make_executor
+    from tuneforge.jobs.worker import Worker
+    from tuneforge.storage import open_blob_store
+    from tuneforge.store import open_database
+
+    settings = _settings(home)
+    settings.ensure_home()
+    runner = Worker(
+        open_database(settings.database_url),
+        open_blob_store(settings.storage_url),
+        settings,
+        make_executor(settings.executor),
+        slots=settings.train_slots,
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    runner.start()
+    typer.echo(f"tuneforge worker running ({settings.executor} executor, {settings.train_slots} slot(s))", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        done.wait()
+    runner.stop()
 
 
 @app.command()
