@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_report_errors: int = 20
     validation_workers: int = 1
     log_level: str = "info"
+    price_per_token: float = Field(0.0, description="dollars charged per trained token (estimates and total_price)")
+    duplicate_job_window_s: float = Field(
+        30.0, description="an identical POST /fine-tunes from the same owner within this window returns the first job"
+    )
     executor: str = Field("local", description="how training runs: local (a child process per job) or fake")
     run_worker: bool = Field(True, description="run the job worker inside the API server")
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")

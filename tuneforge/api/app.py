@@ -14,7 +14,10 @@ from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
 from tuneforge.api.files.service import sweep_stale_uploads
+from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.identity import router as identity
+from tuneforge.api.models import router as models
+from tuneforge.catalog.registry import Catalog
 from tuneforge.jobs.executors.registry import make_executor
 from tuneforge.jobs.worker import Worker
 from tuneforge.settings import Settings
@@ -64,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.db = db
     app.state.blobs = blobs
     app.state.upload_secret = _upload_secret(settings)
+    app.state.catalog = Catalog(blobs)
     app.state.processor = FileProcessor(db, blobs, settings)
     app.state.worker = (
         Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
@@ -75,6 +79,9 @@ def create_app(settings: Settings) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     v1.include_router(files.router)
     v1.include_router(identity.router)
+    v1.include_router(fine_tunes.router)
+    v1.include_router(fine_tunes.downloads)
+    v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(identity.router_v3, prefix="/v3")
     app.include_router(files.uploads)

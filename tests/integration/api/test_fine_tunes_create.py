@@ -1,0 +1,333 @@
+"""`POST /fine-tunes` (contract 3.4): the SDK's exact bodies, every bad parameter named, idempotent retries,
+continuing from checkpoints, and what is stored for the worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from together.lib.types.fine_tuning import FinetuneResponse as HandWrittenResponse
+from together.types import FinetuneResponse
+
+from tuneforge.catalog.entries import SMOLLM2, ModelEntry, ModelLimits
+from tuneforge.storage.layout import checkpoint_prefix, final_prefix
+from tuneforge.store import files as files_repo
+from tuneforge.store import jobs as repo
+from tuneforge.store.tables import JobRow
+
+MODEL = SMOLLM2.name
+LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_trainable_modules": "all-linear", "type": "Lora"}
+DPO = {
+    "method": "dpo",
+    "dpo_beta": 0.1,
+    "dpo_normalize_logratios_by_length": True,
+    "dpo_reference_free": True,
+    "rpo_alpha": 0.5,
+    "simpo_gamma": 0.2,
+}
+
+
+def _row(ft: Any, job_id: str) -> JobRow:
+    with ft.app.state.db.session() as s:
+        return repo.get_job(s, job_id=job_id)
+
+
+def _add_models(ft: Any) -> None:
+    catalog = ft.app.state.catalog
+    if catalog.find("test/plain") is None:
+        catalog.add(
+            ModelEntry(
+                name="test/plain",
+                source_kind="local",
+                source="/m/plain",
+                limits=ModelLimits(supports_full=False, supports_tools=False, supports_dpo=False),
+            )
+        )
+        catalog.add(
+            ModelEntry(
+                name="test/vision",
+                source_kind="hub",
+                source="org/vision-repo",
+                limits=ModelLimits(supports_vision=True),
+            )
+        )
+
+
+def test_the_sdk_default_body_queues_a_lora_job(ft, train_file: str, recording_worker) -> None:
+    worker = recording_worker
+    job = ft.create(ft.sdk_body(train_file, suffix="my-run_1"))
+    assert job["status"] == "queued" and job["user_id"] == "alice" and job["queue_depth"] == 0
+    assert job["model"] == MODEL and job["training_file"] == train_file and job["validation_file"] is None
+    short = job["id"].removeprefix("ft-")[:6]
+    assert job["model_output_name"] == f"alice/SmolLM2-135M-Instruct-my-run_1-{short}"
+    assert job["training_type"] == LORA and job["training_method"] == {"method": "sft", "train_on_inputs": "auto"}
+    assert job["trainingfile_numlines"] == job["TrainingFileNumLines"] == len(ft.conversations)
+    assert job["total_price"] == 0 and job["progress"] == {"estimate_available": False, "seconds_remaining": 0}
+    assert job["created_at"].endswith("Z") and len(job["created_at"]) == len("2024-01-01T00:00:00.000000Z")
+    assert "events" not in job or job["events"] is None
+    assert worker.wakes == 1
+    # Both SDK models parse it with validation: the sync create reads the hand-written one.
+    lib = HandWrittenResponse.model_validate(job)
+    assert lib.output_name == job["model_output_name"] and lib.training_file_num_lines == len(ft.conversations)
+    assert FinetuneResponse.model_validate(job).x_model_output_name == job["model_output_name"]
+
+    row = _row(ft, job["id"])
+    hyper, params = row.params["hyper"], row.params
+    assert hyper["training_type"] == "lora" and hyper["lora_r"] == 8 and hyper["lora_alpha"] == 16
+    assert hyper["batch_size"] == "max" and hyper["max_seq_length"] == 8192 and hyper["seed"] == 42
+    assert hyper["lora_target_modules"] == "all-linear" and hyper["train_on_inputs"] == "auto"
+    assert params["method"] == "sft" and params["dataset_format"] == "conversation" and params["init"] is None
+    assert params["model_source"]["source_kind"] == "gguf-package"
+    with ft.app.state.db.session() as s:
+        events = repo.list_events(s, job_id=job["id"])
+    assert [(e.type, e.message) for e in events] == [
+        ("job_pending", "Fine-tune job created"),
+        ("job_pending", "Job queued, 0 ahead"),
+    ]
+
+
+def test_lora_full_and_dpo_bodies(ft, train_file: str) -> None:
+    lora = ft.create(
+        ft.sdk_body(
+            train_file,
+            training_type=LORA | {"lora_r": 16, "lora_alpha": 32, "lora_trainable_modules": "q_proj,v_proj"},
+            learning_rate=0.001,
+            batch_size=8,
+        )
+    )
+    assert lora["training_type"]["lora_r"] == 16 and lora["batch_size"] == 8 and lora["learning_rate"] == 0.001
+    assert _row(ft, lora["id"]).params["hyper"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    prefs = ft.upload(ft.preferences, name="prefs.jsonl")
+    dpo = ft.create(ft.sdk_body(prefs, training_type={"type": "Full"}, training_method=DPO))
+    assert dpo["training_type"] == {"type": "Full"} and dpo["training_method"]["method"] == "dpo"
+    assert dpo["batch_size"] == 16  # "max" shows as the model's largest full DPO batch
+    hyper = _row(ft, dpo["id"]).params["hyper"]
+    assert hyper["training_type"] == "full" and hyper["simpo_gamma"] == 0.2 and hyper["dpo_reference_free"] is True
+    assert _row(ft, dpo["id"]).params["method"] == "dpo"
+    FinetuneResponse.model_validate(dpo)
+    HandWrittenResponse.model_validate(dpo)
+
+
+def test_secrets_are_kept_but_never_shown(ft, train_file: str) -> None:
+    job = ft.create(
+        ft.sdk_body(train_file, wandb_key="wandb-secret-42", wandb_project_name="proj", hf_api_token="hf_secret_42")
+    )
+    assert job["wandb_project_name"] == "proj"
+    assert _row(ft, job["id"]).secrets == {"wandb_key": "wandb-secret-42", "hf_api_token": "hf_secret_42"}
+    for path in (f"/v1/fine-tunes/{job['id']}", "/v1/fine-tunes", f"/v1/fine-tunes/{job['id']}/events"):
+        text = ft.client.get(path, headers=ft.alice).text
+        assert "secret_42" not in text and "secret-42" not in text
+
+
+def test_a_retried_post_returns_the_same_job(ft, train_file: str) -> None:
+    body = ft.sdk_body(train_file)
+    first, second = ft.create(body), ft.create(body)
+    assert first["id"] == second["id"]
+    assert ft.create(ft.sdk_body(train_file, n_epochs=2))["id"] != first["id"]
+    assert ft.create(body, who="alice")["id"] == first["id"]
+    ft.app.state.settings.duplicate_job_window_s = 0.0
+    assert ft.create(body)["id"] != first["id"]
+    assert len(ft.client.get("/v1/fine-tunes", headers=ft.alice).json()["data"]) == 3
+
+
+BAD: list[tuple[str, dict[str, Any]]] = [
+    ("n_epochs", {"n_epochs": 0}),
+    ("n_epochs", {"n_epochs": 21}),
+    ("n_checkpoints", {"n_checkpoints": 0}),
+    ("n_checkpoints", {"n_checkpoints": 21}),
+    ("n_evals", {"n_evals": 101}),
+    ("n_evals", {"n_evals": 2}),
+    ("learning_rate", {"learning_rate": 0.5}),
+    ("learning_rate", {"learning_rate": 1e-9}),
+    ("batch_size", {"batch_size": 0}),
+    ("batch_size", {"batch_size": 65, "training_type": LORA}),
+    ("batch_size", {"batch_size": 33, "training_type": {"type": "Full"}}),
+    ("batch_size", {"batch_size": "huge"}),
+    ("max_seq_length", {"max_seq_length": 16}),
+    ("max_seq_length", {"max_seq_length": 9000}),
+    ("warmup_ratio", {"warmup_ratio": -0.1}),
+    ("warmup_ratio", {"warmup_ratio": 1.5}),
+    ("max_grad_norm", {"max_grad_norm": -1}),
+    ("weight_decay", {"weight_decay": -0.1}),
+    ("lr_scheduler.lr_scheduler_type", {"lr_scheduler": {"lr_scheduler_type": "step"}}),
+    (
+        "lr_scheduler.lr_scheduler_args.min_lr_ratio",
+        {"lr_scheduler": {"lr_scheduler_type": "linear", "lr_scheduler_args": {"min_lr_ratio": 1.5}}},
+    ),
+    (
+        "lr_scheduler.lr_scheduler_args.num_cycles",
+        {"lr_scheduler": {"lr_scheduler_type": "cosine", "lr_scheduler_args": {"min_lr_ratio": 0, "num_cycles": 0}}},
+    ),
+    ("training_type.lora_r", {"training_type": LORA | {"lora_r": 0}}),
+    ("training_type.lora_r", {"training_type": LORA | {"lora_r": 65}}),
+    ("training_type.lora_alpha", {"training_type": LORA | {"lora_alpha": 0}}),
+    ("training_type.lora_dropout", {"training_type": LORA | {"lora_dropout": 1.0}}),
+    ("training_type.lora_trainable_modules", {"training_type": LORA | {"lora_trainable_modules": "q_proj,lm_x"}}),
+    ("training_type.type", {"training_type": {"type": "Adapter"}}),
+    ("training_method.method", {"training_method": {"method": "ppo"}}),
+    ("training_method.train_on_inputs", {"training_method": {"method": "sft", "train_on_inputs": "yes"}}),
+    ("training_method.dpo_beta", {"training_method": {"method": "sft", "dpo_beta": 0.1}}),
+    ("suffix", {"suffix": "x" * 41}),
+    ("suffix", {"suffix": "has space"}),
+    ("early_stopping_enabled", {"early_stopping_enabled": True}),
+    ("early_stopping_patience", {"early_stopping_enabled": True, "early_stopping_patience": 0}),
+    ("model", {"from_checkpoint": "ft-00000000-0000-0000-0000-000000000000"}),
+    ("model", {"model": None}),
+    ("from_hf_model", {"from_hf_model": "someone/not-in-the-catalog"}),
+    ("hf_model_revision", {"hf_model_revision": "main"}),
+    ("multimodal_params.train_vision", {"multimodal_params": {"train_vision": True}}),
+    ("random_seed", {"random_seed": -1}),
+    ("gradient_accumulation_steps", {"gradient_accumulation_steps": -2}),
+    ("training_file", {"training_file": ""}),
+    ("training_file", {"training_method": DPO}),
+    ("training_type", {"model": "test/plain", "training_type": {"type": "Full"}}),
+    ("training_method.method", {"model": "test/plain", "training_method": DPO}),
+]
+
+
+@pytest.mark.parametrize(("param", "changes"), BAD, ids=[f"{p}:{i}" for i, (p, _) in enumerate(BAD)])
+def test_each_bad_parameter_is_named(ft_shared, param: str, changes: dict[str, Any]) -> None:
+    _add_models(ft_shared)
+    body = ft_shared.sdk_body(ft_shared.upload(ft_shared.conversations), **changes)
+    r = ft_shared.client.post("/v1/fine-tunes", json=body, headers=ft_shared.alice)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"].startswith(param), error
+    assert param.rsplit(".", 1)[-1] in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_files_must_suit_the_method_and_the_model(ft_shared) -> None:
+    _add_models(ft_shared)
+    prefs = ft_shared.upload(ft_shared.preferences, name="prefs.jsonl")
+    tools = ft_shared.upload([ft_shared.tools_line], name="tools.jsonl")
+    cases = [
+        (ft_shared.sdk_body(prefs), "training_file", "SFT"),
+        (
+            ft_shared.sdk_body(ft_shared.upload(ft_shared.conversations), validation_file=prefs),
+            "validation_file",
+            "SFT",
+        ),
+        (ft_shared.sdk_body(tools, model="test/plain"), "training_file", "tool"),
+    ]
+    for body, param, words in cases:
+        r = ft_shared.client.post("/v1/fine-tunes", json=body, headers=ft_shared.alice)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.text, r.text
+
+
+def test_all_problems_are_reported_at_once(ft_shared) -> None:
+    body = ft_shared.sdk_body(
+        ft_shared.upload(ft_shared.conversations),
+        n_epochs=0,
+        learning_rate=5,
+        batch_size=1000,
+        suffix="a b",
+        warmup_ratio=2,
+        training_type=LORA | {"lora_r": 999},
+    )
+    r = ft_shared.client.post("/v1/fine-tunes", json=body, headers=ft_shared.alice)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    for name in ("n_epochs", "learning_rate", "batch_size", "suffix", "warmup_ratio", "lora_r"):
+        assert name in message, message
+
+
+def test_files_not_checked_or_invalid(ft, train_file: str) -> None:
+    bad = ft.upload([{"messages": [{"role": "bot", "content": "x"}]}], name="bad.jsonl", expect="INVALID_FORMAT")
+    r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(bad), headers=ft.alice)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training_file" and "invalid" in r.text
+    with ft.app.state.db.session() as s:
+        files_repo.set_processing(s, file_id=train_file, status="RUNNING")
+    r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file), headers=ft.alice)
+    assert r.status_code == 400 and "still being checked" in r.json()["error"]["message"]
+
+
+def test_unknown_model_file_or_parent_is_404(ft, train_file: str) -> None:
+    bobs = ft.upload(ft.conversations[:2], who="bob")
+    cases = [
+        (ft.sdk_body(train_file, model="nobody/nothing"), "model"),
+        (ft.sdk_body("file-00000000-0000-0000-0000-000000000000"), "training_file"),
+        (ft.sdk_body(bobs), "training_file"),
+        (ft.sdk_body(train_file, validation_file=bobs), "validation_file"),
+        (
+            {**ft.sdk_body(train_file, from_checkpoint="ft-00000000-0000-0000-0000-000000000000:5"), "model": None},
+            "from_checkpoint",
+        ),
+    ]
+    for body, param in cases:
+        body = {k: v for k, v in body.items() if v is not None}
+        r = ft.client.post("/v1/fine-tunes", json=body, headers=ft.alice)
+        assert r.status_code == 404 and r.json()["error"]["param"] == param, r.text
+
+
+def _continue(ft: Any, train_file: str, ref: str, **changes: Any) -> Any:
+    body = {k: v for k, v in ft.sdk_body(train_file, from_checkpoint=ref, **changes).items() if k != "model"}
+    return ft.client.post("/v1/fine-tunes", json=body, headers=ft.alice)
+
+
+def test_from_checkpoint_starts_from_the_parent_weights(ft, train_file: str) -> None:
+    parent = ft.create(ft.sdk_body(train_file, training_type=LORA | {"lora_r": 4, "lora_alpha": 8}))
+    running = ft.create(ft.sdk_body(train_file, n_epochs=3))
+    r = _continue(ft, train_file, running["id"])
+    assert r.status_code == 400 and "completed" in r.json()["error"]["message"]
+    ft.finish(parent["id"], steps=20, intermediate=(10,))
+
+    final = _continue(ft, train_file, parent["id"]).json()
+    assert final["model"] == MODEL and final["from_checkpoint"] == parent["id"]
+    assert final["training_type"]["lora_r"] == 4  # inherited with the adapter
+    init = _row(ft, final["id"]).params["init"]
+    assert init == {"key": final_prefix(parent["id"], "adapter"), "adapter": True, "step": 20}
+
+    step = _continue(ft, train_file, f"{parent['id']}:10", n_epochs=2).json()
+    assert _row(ft, step["id"]).params["init"] == {
+        "key": checkpoint_prefix(parent["id"], 10),
+        "adapter": True,
+        "step": 10,
+    }
+    by_name = _continue(ft, train_file, parent["model_output_name"], n_epochs=3).json()
+    assert _row(ft, by_name["id"]).params["init"]["key"] == final_prefix(parent["id"], "adapter")
+
+    full = _continue(ft, train_file, parent["id"], training_type={"type": "Full"}).json()
+    assert _row(ft, full["id"]).params["init"] == {
+        "key": final_prefix(parent["id"], "merged"),
+        "adapter": False,
+        "step": 20,
+    }
+    r = _continue(ft, train_file, f"{parent['id']}:7")
+    assert r.status_code == 400 and "step 7" in r.json()["error"]["message"]
+    r = _continue(ft, train_file, parent["id"], n_epochs=4, training_type=LORA)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training_type.lora_r"
+    bob_body = {
+        k: v
+        for k, v in ft.sdk_body(ft.upload(ft.conversations, who="bob"), from_checkpoint=parent["id"]).items()
+        if k != "model"
+    }
+    assert ft.client.post("/v1/fine-tunes", json=bob_body, headers=ft.bob).status_code == 404
+    # The parent's weights stay while a job continues from them; its output name is not a base model.
+    r = ft.client.delete(f"/v1/fine-tunes/{parent['id']}", headers=ft.alice)
+    assert r.status_code == 409 and final["id"] in r.json()["error"]["message"]
+    as_model = ft.sdk_body(train_file, model=parent["model_output_name"], n_epochs=5)
+    r = ft.client.post("/v1/fine-tunes", json=as_model, headers=ft.alice)
+    assert r.status_code == 400 and "from_checkpoint" in r.json()["error"]["message"]
+
+
+def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str) -> None:
+    _add_models(ft)
+    job = ft.create(
+        ft.sdk_body(
+            train_file,
+            model="test/vision",
+            from_hf_model="org/vision-repo",
+            hf_model_revision="abc123",
+            multimodal_params={"train_vision": True},
+        )
+    )
+    assert job["multimodal_params"] == {"train_vision": True} and job["from_hf_model"] == "org/vision-repo"
+    assert _row(ft, job["id"]).params["model_source"] == {
+        "name": "test/vision",
+        "source_kind": "hub",
+        "source": "org/vision-repo",
+        "revision": "abc123",
+    }
+    r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, from_hf_model="org/elsewhere"), headers=ft.alice)
+    assert r.status_code == 400 and "not supported on this server" in r.json()["error"]["message"]

@@ -1,0 +1,34 @@
+"""Wire models of `GET /models` (contract 4.3): one item shape for both SDKs; only the envelope differs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class Pricing(BaseModel):
+    input: float = 0.0
+    output: float = 0.0
+    base: float = 0.0
+    finetune: float = 0.0
+    hourly: float = 0.0
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    type: Literal["chat"] = "chat"
+    owned_by: str
+    display_name: str
+    organization: str
+    context_length: int | None = None
+    pricing: Pricing
+
+
+class ModelList(BaseModel):
+    """The OpenAI envelope; the Together SDK wants the bare list of `ModelPublic` instead."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]
