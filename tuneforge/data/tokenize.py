@@ -1,0 +1,355 @@
+"""SFT tokenization: validated records (or a stored JSONL / parquet blob) -> `TokenizedExample`s and a report.
+
+Owns the per-format rules (which tokens are trained, contract 3.4's `train_on_inputs`), truncation and the drop
+reasons. Conversations go through `chat.py`; parquet rows through `pretokenized.py`. Knows nothing of torch,
+transformers, packing, storage or jobs; the tokenizer is duck-typed (`tokenizer.py`).
+
+Instruction records (`prompt`/`completion`) are rendered as raw text, not through the chat template: bos when the
+tokenizer adds one by default, the prompt's tokens, the completion's tokens, eos. Prompt and completion are
+tokenized separately, so the prompt's tokens are exactly those `/completions` will feed the model for that prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO
+
+from tuneforge.data.chat import IGNORE, ImageContent, conversation_tokens
+from tuneforge.data.jsonl import iter_lines
+from tuneforge.data.rules import FORMATS, LineError, decode_line
+from tuneforge.data.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
+
+SFT_FORMATS = ("general", "conversation", "instruction")
+MAX_LINE_BYTES = 150 * 2**20  # as the validator's default
+_BATCH = 512  # records tokenized per call for the plain-text formats
+
+# Drop reasons (keys of `TokenizationReport.dropped_reasons`).
+EMPTY = "empty"
+NO_TRAINED = "no_trained_tokens"
+NO_TRAINED_AFTER_TRUNCATION = "no_trained_tokens_after_truncation"
+MALFORMED = "malformed"  # a record that does not have its format's shape (the validator should have refused it)
+IMAGES = "images"  # image parts: a text tokenizer cannot render them
+
+
+@dataclass
+class TokenizedExample:
+    """One training sequence. `labels` is as long as `input_ids`; IGNORE (-100) marks a token that is not trained.
+
+    `position_ids` is set only for pre-tokenized rows that brought their own; where it restarts at 0 a new
+    sequence begins (packing keeps those sequences apart).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    position_ids: list[int] | None = None
+
+    @property
+    def num_trained(self) -> int:
+        return len(self.labels) - self.labels.count(IGNORE)
+
+
+@dataclass
+class TokenizationReport:
+    """What tokenizing a dataset gave. Token counts cover the kept examples; `truncated` counts kept examples that
+    were cut at `max_seq_length` (those dropped after the cut are under `dropped_reasons`)."""
+
+    examples: int = 0
+    trained_tokens: int = 0
+    masked_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_reasons: dict[str, int] = field(default_factory=dict)
+    format: str = ""
+
+    def trained_share(self) -> float:
+        """trained / (trained + masked), 0.0 when there are no tokens."""
+        total = self.trained_tokens + self.masked_tokens
+        return self.trained_tokens / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dropped_reasons"] = dict(sorted(self.dropped_reasons.items()))
+        out["trained_share"] = round(self.trained_share(), 6)
+        return out
+
+    def drop(self, reason: str) -> None:
+        self.dropped += 1
+        self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
+
+    def keep(self, example: TokenizedExample, out: list[TokenizedExample]) -> None:
+        trained = example.num_trained
+        self.examples += 1
+        self.trained_tokens += trained
+        self.masked_tokens += len(example.input_ids) - trained
+        self.truncated += example.truncated
+        out.append(example)
+
+
+def detect_format(record: Any) -> str | None:
+    """The dataset format whose required keys the record has (contract 2.4), or None."""
+    if not isinstance(record, dict):
+        return None
+    for name, keys in FORMATS.items():
+        if all(k in record for k in keys):
+            return name
+    return None
+
+
+def train_inputs(train_on_inputs: bool | str, dataset_format: str) -> bool:
+    """Contract 3.4: "auto" trains every token of `text` data and masks the inputs of the other formats.
+
+    Raises:
+        ValueError: `train_on_inputs` is not True, False or "auto".
+    """
+    if isinstance(train_on_inputs, bool):
+        return train_on_inputs
+    if train_on_inputs == "auto":
+        return dataset_format == "general"
+    raise ValueError(f"train_on_inputs must be true, false or 'auto', got {train_on_inputs!r}")
+
+
+def finish(
+    ids: list[int], labels: list[int], max_seq_length: int, report: TokenizationReport, out: list[TokenizedExample]
+) -> None:
+    """Truncate (keeping the start), then keep the example or count why it is dropped."""
+    if not ids:
+        report.drop(EMPTY)
+        return
+    if labels[0] != IGNORE:
+        labels = [IGNORE, *labels[1:]]  # nothing predicts the first token
+    if labels.count(IGNORE) == len(labels):
+        report.drop(NO_TRAINED)
+        return
+    truncated = len(ids) > max_seq_length
+    if truncated:
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        if labels.count(IGNORE) == len(labels):
+            report.drop(NO_TRAINED_AFTER_TRUNCATION)
+            return
+    report.keep(TokenizedExample(ids, labels, truncated), out)
+
+
+def tokenize_records(
+    records: Iterable[dict[str, Any]],
+    *,
+    tokenizer: Tokenizer,
+    dataset_format: str,
+    train_on_inputs: bool | str,
+    max_seq_length: int,
+) -> tuple[list[TokenizedExample], TokenizationReport]:
+    """Tokenize validated SFT records of one format.
+
+    Args:
+        records: decoded JSONL records.
+        tokenizer: the base model's tokenizer (with a chat template for conversations).
+        dataset_format: "general", "conversation" or "instruction".
+        train_on_inputs: True, False or "auto" (contract 3.4).
+        max_seq_length: longer examples are cut to this many tokens, keeping the start.
+
+    Returns:
+        The kept examples, in record order, and the report.
+
+    Raises:
+        ValueError: an unknown or preference format, a bad `train_on_inputs` or `max_seq_length`, or a chat
+            template whose turns cannot be located (the message names the record, counted from 1).
+    """
+    return _tokenize(enumerate(records, 1), "record", tokenizer, dataset_format, train_on_inputs, max_seq_length)
+
+
+def _tokenize(
+    numbered: Iterable[tuple[int, Any]],
+    where: str,
+    tokenizer: Tokenizer,
+    dataset_format: str,
+    train_on_inputs: bool | str,
+    max_seq_length: int,
+) -> tuple[list[TokenizedExample], TokenizationReport]:
+    if dataset_format not in SFT_FORMATS:
+        hint = "; use tokenize_preference_records" if dataset_format == "preference_openai" else ""
+        raise ValueError(f"cannot tokenize dataset format {dataset_format!r} for SFT{hint}")
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be at least 1, got {max_seq_length}")
+    train_all = train_inputs(train_on_inputs, dataset_format)
+    report = TokenizationReport(format=dataset_format)
+    out: list[TokenizedExample] = []
+    if dataset_format == "conversation":
+        for n, record in numbered:
+            _conversation(n, where, record, tokenizer, train_all, max_seq_length, report, out)
+        return out, report
+    bos, eos = bos_prefix(tokenizer), eos_suffix(tokenizer)
+    for chunk in _chunks(numbered, _BATCH):
+        if dataset_format == "general":
+            _general(chunk, tokenizer, bos, eos, max_seq_length, report, out)
+        else:
+            _instruction(chunk, tokenizer, bos, eos, train_all, max_seq_length, report, out)
+    return out, report
+
+
+def _chunks(numbered: Iterable[tuple[int, Any]], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for _, record in numbered:
+        chunk.append(record)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _conversation(
+    n: int,
+    where: str,
+    record: Any,
+    tokenizer: Tokenizer,
+    train_all: bool,
+    max_seq_length: int,
+    report: TokenizationReport,
+    out: list[TokenizedExample],
+) -> None:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    tools = record.get("tools") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        report.drop(MALFORMED)
+        return
+    try:
+        ids, labels = conversation_tokens(
+            messages, tools if isinstance(tools, list) else None, tokenizer, train_on_inputs=train_all
+        )
+    except ImageContent:
+        report.drop(IMAGES)
+        return
+    except ValueError as exc:
+        raise ValueError(f"{where} {n}: {exc}") from exc
+    finish(ids, labels, max_seq_length, report, out)
+
+
+def _general(
+    chunk: list[Any],
+    tokenizer: Tokenizer,
+    bos: list[int],
+    eos: list[int],
+    max_seq_length: int,
+    report: TokenizationReport,
+    out: list[TokenizedExample],
+) -> None:
+    texts: list[str] = []
+    for record in chunk:
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(text, str):
+            texts.append(text)
+        else:
+            report.drop(MALFORMED)
+    for body in encode_batch(tokenizer, texts):
+        if not body:
+            report.drop(EMPTY)
+            continue
+        ids = bos + body + eos
+        finish(ids, list(ids), max_seq_length, report, out)
+
+
+def _instruction(
+    chunk: list[Any],
+    tokenizer: Tokenizer,
+    bos: list[int],
+    eos: list[int],
+    train_all: bool,
+    max_seq_length: int,
+    report: TokenizationReport,
+    out: list[TokenizedExample],
+) -> None:
+    pairs: list[tuple[str, str]] = []
+    for record in chunk:
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        completion = record.get("completion") if isinstance(record, dict) else None
+        if isinstance(prompt, str) and isinstance(completion, str):
+            pairs.append((prompt, completion))
+        else:
+            report.drop(MALFORMED)
+    encoded = encode_batch(tokenizer, [text for pair in pairs for text in pair])
+    for k in range(len(pairs)):
+        prompt_ids, completion_ids = encoded[2 * k], encoded[2 * k + 1]
+        if not prompt_ids and not completion_ids:
+            report.drop(EMPTY)
+            continue
+        head = bos + prompt_ids
+        tail = completion_ids + eos
+        labels = (list(head) if train_all else [IGNORE] * len(head)) + tail
+        finish(head + tail, labels, max_seq_length, report, out)
+
+
+def iter_jsonl(stream: BinaryIO, report: TokenizationReport | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a JSONL stream, read in 1 MiB blocks.
+
+    A line that is too long or not a JSON object is counted as a MALFORMED drop in `report` and skipped.
+    """
+    for n, line in enumerate(iter_lines(stream.read, MAX_LINE_BYTES), 1):
+        try:
+            record = decode_line(line) if line is not None else False
+        except LineError:
+            record = False
+        if record is None:
+            continue  # a blank line
+        if record is False:
+            if report is not None:
+                report.drop(MALFORMED)
+            continue
+        yield n, record
+
+
+def tokenize_blob(
+    stream: BinaryIO,
+    *,
+    filetype: str,
+    tokenizer: Tokenizer,
+    dataset_format: str | None,
+    train_on_inputs: bool | str,
+    max_seq_length: int,
+) -> tuple[list[TokenizedExample], TokenizationReport]:
+    """Tokenize a stored SFT dataset file.
+
+    Args:
+        stream: the file, opened for binary reading (seekable for parquet).
+        filetype: "jsonl" or "parquet".
+        tokenizer: as for `tokenize_records` (not called for parquet).
+        dataset_format: the validated format; None detects it from the first record. Ignored for parquet.
+        train_on_inputs: as for `tokenize_records` (parquet rows keep their own labels).
+        max_seq_length: as for `tokenize_records`.
+
+    Returns:
+        The kept examples and the report; errors name the 1-based line.
+
+    Raises:
+        ValueError: an unknown file type or format, or a record that cannot be rendered (see `tokenize_records`).
+    """
+    if filetype == "parquet":
+        from tuneforge.data.pretokenized import read_parquet
+
+        return read_parquet(stream, max_seq_length=max_seq_length)
+    if filetype != "jsonl":
+        raise ValueError(f"cannot tokenize file type {filetype!r}; use jsonl or parquet")
+    skipped = TokenizationReport()
+    lines = iter_jsonl(stream, skipped)
+    if dataset_format is None:
+        first = next(lines, None)
+        if first is None:
+            return [], _merged(skipped, TokenizationReport(format=""))
+        dataset_format = detect_format(first[1])
+        if dataset_format is None:
+            raise ValueError(f"line {first[0]}: the record matches no dataset format")
+        lines = _chain(first, lines)
+    examples, report = _tokenize(lines, "line", tokenizer, dataset_format, train_on_inputs, max_seq_length)
+    return examples, _merged(skipped, report)
+
+
+def _chain(first: tuple[int, Any], rest: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    yield first
+    yield from rest
+
+
+def _merged(skipped: TokenizationReport, report: TokenizationReport) -> TokenizationReport:
+    for reason, count in skipped.dropped_reasons.items():
+        report.dropped += count
+        report.dropped_reasons[reason] = report.dropped_reasons.get(reason, 0) + count
+    return report
