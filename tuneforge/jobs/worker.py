@@ -17,7 +17,7 @@ from typing import Any
 
 from tuneforge.jobs.executors.base import Executor, Handle
 from tuneforge.jobs.specs import build_spec, work_dir
-from tuneforge.jobs.states import JobStatus
+from tuneforge.jobs.states import TERMINAL, JobStatus, can_transition
 from tuneforge.settings import Settings, inherited_environment
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import spec_key
@@ -209,7 +209,8 @@ class Worker:
                     progress[key] = data[key]
             if rec.get("type") == "model_uploading":
                 moved = repo.transition(s, job_id=job.id, from_statuses=(S.RUNNING,), to_status=S.UPLOADING,
-                                        event_type="model_uploading", message=str(rec.get("message", "")))  # fmt: skip
+                                        event_type="model_uploading", message=str(rec.get("message", "")),
+                                        event_data=data, event_created_at=ts)  # fmt: skip
                 if moved:
                     return
             repo.add_event(s, job_id=job.id, type_=str(rec.get("type", "warning")), message=str(rec.get("message", "")),
@@ -278,6 +279,15 @@ class Worker:
 
     def _end(self, job_id: str, status: str, event_type: str, message: str, *, level: str = "info") -> None:
         with self.db.session() as s:
+            current = repo.get_job(s, job_id=job_id).status
+            if current in TERMINAL:
+                return
+            if not can_transition(current, status):
+                # Only a cancel can stand in the way (cancel_requested may end only as cancelled or failed):
+                # a run that finished while its cancel was on the way still ends cancelled, its weights kept.
+                status, event_type = S.CANCELLED, "job_stopped"
+                message = f"Cancelled by the user ({message[:1].lower()}{message[1:]} before the cancel arrived)"
+                level = "info"
             repo.transition(
                 s, job_id=job_id, from_statuses=(*tuple(LIVE_RUN), S.QUEUED, S.PENDING), to_status=status,
                 event_type=event_type, message=message, level=level, finished_at=time.time(), runner=None,

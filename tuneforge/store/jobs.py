@@ -67,9 +67,14 @@ def transition(
     message: str,
     level: str = "info",
     event_data: dict[str, Any] | None = None,
+    event_created_at: float | None = None,
     **values: Any,
 ) -> bool:
-    """Move the job from one of `from_statuses` to `to_status` and record the event; False if it moved on."""
+    """Move the job from one of `from_statuses` to `to_status` and record the event; False if it moved on.
+
+    `event_created_at` stamps the event with the time it happened (a training process's own clock)
+    rather than the time it was read, so events never appear to go back in time.
+    """
     now = time.time()
     result = session.execute(
         update(JobRow)
@@ -78,7 +83,15 @@ def transition(
     )
     if not getattr(result, "rowcount", 0):
         return False
-    add_event(session, job_id=job_id, type_=event_type, message=message, level=level, data=event_data or {})
+    add_event(
+        session,
+        job_id=job_id,
+        type_=event_type,
+        message=message,
+        level=level,
+        data=event_data or {},
+        created_at=event_created_at,
+    )
     return True
 
 
@@ -123,7 +136,7 @@ def add_event(
 
 
 def list_events(session: Session, *, job_id: str) -> list[JobEventRow]:
-    stmt = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+    stmt = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.created_at, JobEventRow.id)
     return list(session.scalars(stmt))
 
 

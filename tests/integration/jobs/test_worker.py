@@ -145,3 +145,22 @@ def test_after_a_restart_orphaned_runs_are_resumed(env):
     second.recover()
     job = _drive(second, "ft-r")
     assert job.status == "completed"
+
+
+def test_a_run_that_finishes_while_its_cancel_is_on_the_way_ends_cancelled(env):
+    settings, db, blobs = env
+    executor = FakeExecutor(steps=2)
+    worker = Worker(db, blobs, settings, executor)
+    _insert(db, "ft-u")
+    worker.tick()
+    executor.wait_idle()  # the run has written its `completed` result, not yet read
+    with db.session() as s:
+        assert repo.transition(s, job_id="ft-u", from_statuses=("running",), to_status="cancel_requested",
+                               event_type="cancel_requested", message="cancel")  # fmt: skip
+    job = _drive(worker, "ft-u")
+    assert job.status == "cancelled"
+    with db.session() as s:
+        events = repo.list_events(s, job_id="ft-u")
+    assert events[-1].type == "job_stopped" and "training completed before the cancel arrived" in events[-1].message
+    stamps = [e.created_at for e in events]
+    assert stamps == sorted(stamps)
