@@ -1,8 +1,10 @@
 """The end-to-end demo (`tuneforge demo`): a real server, a real dataset, the real together SDK.
 
 Starts `tuneforge serve` as a child process, creates an API key, checks the shipped customer-support
-dataset locally, shows what the checker says about a broken copy, uploads it with the together SDK
-and waits for the server's own verdict. It talks to the server over HTTP only, like any user.
+dataset locally, shows what the checker says about a broken copy, uploads it with the together SDK,
+waits for the server's own verdict, then LoRA fine-tunes SmolLM2-135M-Instruct on it with a live
+progress line and asks the result a question from the data (see demo/finetune.py). It talks to the
+server over HTTP only, like any user.
 """
 
 from __future__ import annotations
@@ -127,9 +129,16 @@ def run_demo(*, home: Path | None = None, port: int = 0) -> int:
         _say("the files this key owns")
         for f in client.files.list().data:
             print(f"{f.id}  {f.filename}  {f.bytes} bytes  {f.processing_status}")
-        ok = info.processing_status == "COMPLETED"
-        _say("demo finished" if ok else "demo failed: the server did not accept the dataset")
-        return 0 if ok else 1
+        if info.processing_status != "COMPLETED":
+            _say("demo failed: the server did not accept the dataset")
+            return 1
+
+        _say("LoRA fine-tuning SmolLM2-135M-Instruct on it, on this machine's CPU")
+        from tuneforge.demo import finetune
+
+        learned = finetune.run(client, uploaded.id, settings.home / "models")
+        _say("demo finished" if learned else "demo finished, but the model did not learn the answer")
+        return 0 if learned else 1
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,1 @@
+"""Recipes: one linear script per training method (see `train/registry.py` for the table)."""

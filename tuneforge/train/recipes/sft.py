@@ -1,0 +1,548 @@
+"""Supervised fine-tuning, LoRA or full, as one script: model and data in, checkpoints, final weights and events out.
+
+Reads top to bottom: resolve the model -> tokenize the data -> build model, optimizer and schedule (or restore them
+from a checkpoint) -> train with evaluations, early stopping and checkpoints -> save and upload the final weights.
+Knows the TrainSpec, the blob store and the event stream; nothing about jobs, the database or HTTP.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from tuneforge.catalog.loading import download_folder, resolve_model_dir
+from tuneforge.data.packing import pack_examples
+from tuneforge.data.tokenize import (
+    NO_TRAINED,
+    NO_TRAINED_AFTER_TRUNCATION,
+    TokenizationReport,
+    TokenizedExample,
+    tokenize_blob,
+)
+from tuneforge.errors import InvalidRequestError
+from tuneforge.storage import BlobStore, open_blob_store
+from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, final_prefix, tokenized_key
+from tuneforge.train.batching import (
+    Row,
+    collate,
+    example_row,
+    group_steps,
+    packed_row,
+    plan_epoch,
+    split_by_tokens,
+    steps_per_epoch,
+)
+from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
+from tuneforge.train.events import EventWriter
+from tuneforge.train.hardware import bf16_is_fast, max_batch_rows, plan_memory, set_threads
+from tuneforge.train.loss import causal_lm, trained_token_loss
+from tuneforge.train.registry import Outcome
+from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler, report_steps
+from tuneforge.train.spec import TrainSpec
+
+METHOD = "sft"
+CONVERSATION_SHARE_WARNING = 0.99
+NO_TRAINED_REASONS = (NO_TRAINED, NO_TRAINED_AFTER_TRUNCATION)
+# Step reports ("Step 40/200: loss ...") need an event type from the SDK's closed list (strict clients reject any
+# other), and that list has no progress type; `epoch_complete` (progress through the epochs) is the nearest, and no
+# reader counts it. `training_start` would be nearer still, but readers take its last one as the attempt's start.
+STEP_EVENT = "epoch_complete"
+
+
+def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
+    """Run one SFT job to its end (completed, cancelled or early-stopped); data problems raise InvalidRequestError."""
+    hp = spec.hyper
+    lora = hp.training_type == "lora"
+    device = torch.device(spec.device)
+    threads = set_threads(spec.num_threads)
+    use_bf16 = bf16_is_fast(device)
+    blobs = open_blob_store(spec.storage_url)
+    work = Path(spec.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    random.seed(hp.seed)
+    np.random.seed(hp.seed % 2**32)
+    torch.manual_seed(hp.seed)
+
+    # ---- 1. Model files: the base, plus the weights to start from (a checkpoint to resume, or from_checkpoint).
+    # A resumed LoRA run whose job started from whole weights needs both: those weights and the checkpoint's adapter.
+    out.event("model_downloading", f"Preparing the base model {spec.model.name}")
+    base_dir = resolve_model_dir(spec.model, spec.cache_dir, blobs=blobs)
+    resume_dir = _fetch(blobs, spec.resume.key, work / "resume-from") if spec.resume else None
+    init_needed = spec.init is not None and (resume_dir is None or (lora and not spec.init.adapter))
+    init_dir = _fetch(blobs, spec.init.key, work / "init-from") if spec.init and init_needed else None
+    init_adapter = bool(spec.init and spec.init.adapter)
+    if resume_dir is not None:
+        weights_dir = resume_dir if not lora else (init_dir if init_dir is not None else base_dir)
+        adapter_dir = resume_dir if lora else None
+    else:
+        weights_dir = init_dir if init_dir is not None and not init_adapter else base_dir
+        adapter_dir = init_dir if init_dir is not None and init_adapter else None
+    if adapter_dir is not None and not lora:
+        raise InvalidRequestError("full fine-tuning cannot start from a LoRA adapter; start from merged weights")
+    start_dir = resume_dir or init_dir
+    tokenizer_dir = start_dir if start_dir and (start_dir / "tokenizer_config.json").is_file() else base_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    pad_id = _pad_id(tokenizer)
+    note = ""
+    if spec.resume is not None:
+        note = f" (resuming from step {spec.resume.step})"
+    elif spec.init is not None:
+        note = f" (continuing from {spec.init.key}, step {spec.init.step})"
+    out.event("model_download_complete", f"Base model {spec.model.name} is ready{note}")
+    if stop.is_set():
+        return Outcome("cancelled", "Cancelled before training started")
+
+    # ---- 2. Data: tokenize (masking per train_on_inputs), check, publish the tokenized set, pack or bucket.
+    out.event("training_data_downloading", "Downloading and tokenizing the training file")
+    examples, report = _tokenize(blobs, spec.training_file_key, spec.training_file_type, tokenizer, spec)
+    _refuse_unusable(report, "training", hp.max_seq_length)
+    total_tokens = report.trained_tokens + report.masked_tokens
+    out.event(
+        "training_data_download_complete",
+        f"Training data tokenized: {report.examples:,} examples, {total_tokens:,} tokens "
+        f"({report.trained_tokens:,} trained, {report.masked_tokens:,} masked), {report.truncated:,} truncated "
+        f"at {hp.max_seq_length:,} tokens, {report.dropped:,} dropped{_reasons(report)}",
+        token_count=total_tokens,
+        trained_tokens=report.trained_tokens,
+        masked_tokens=report.masked_tokens,
+        examples=report.examples,
+        truncated=report.truncated,
+        dropped=report.dropped,
+        dropped_reasons=dict(report.dropped_reasons),
+        dataset_format=report.format,
+    )
+    if report.format == "conversation" and report.trained_share() > CONVERSATION_SHARE_WARNING:
+        out.event(
+            "warning",
+            f"{report.trained_share():.1%} of the tokens of this conversational dataset are trained, so the model "
+            "also learns to write the user's turns; set train_on_inputs to false (or 'auto') to train on the "
+            "assistant's answers only",
+            level="warning",
+        )
+    val_rows: list[Row] = []
+    if spec.validation_file_key and hp.n_evals > 0:
+        out.event("validation_data_downloading", "Downloading and tokenizing the validation file")
+        val_type = _sniff_filetype(blobs, spec.validation_file_key)
+        val_examples, val_report = _tokenize(blobs, spec.validation_file_key, val_type, tokenizer, spec)
+        _refuse_unusable(val_report, "validation", hp.max_seq_length)
+        val_rows = [example_row(e) for e in val_examples]
+        out.event(
+            "validation_data_download_complete",
+            f"Validation data tokenized: {val_report.examples:,} examples, {val_report.trained_tokens:,} trained "
+            f"tokens, {val_report.dropped:,} dropped{_reasons(val_report)}",
+        )
+    key = tokenized_key(spec.job_id)
+    if not blobs.exists(key):
+        _write_tokenized(blobs, key, examples)
+        out.event(
+            "tokenized_dataset_upload_complete", "The tokenized training set is stored", tokenized_dataset_path=key
+        )
+    if hp.packing:
+        rows = [packed_row(r) for r in pack_examples(examples, max_seq_length=hp.max_seq_length, seed=hp.seed)]
+    else:
+        rows = [example_row(e) for e in examples]
+    del examples
+    lengths = [r.length for r in rows]
+    if stop.is_set():
+        return Outcome("cancelled", "Cancelled before training started")
+
+    # ---- 3. Model: fp32 weights (bf16 autocast only where it is fast), LoRA or full, from the base or a start.
+    save_dtype = _checkpoint_dtype(AutoConfig.from_pretrained(str(base_dir)))
+    load = {"dtype": torch.float32, "attn_implementation": "sdpa", "use_cache": False}
+    model: Any = AutoModelForCausalLM.from_pretrained(str(weights_dir), **load)
+    if lora:
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        else:
+            targets = hp.lora_target_modules
+            cfg = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                             target_modules=targets if targets == "all-linear" else list(targets),
+                             task_type="CAUSAL_LM")  # fmt: skip
+            model = get_peft_model(model, cfg)
+        model.peft_config["default"].base_model_name_or_path = spec.model.name
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    total_params = sum(p.numel() for p in model.parameters())
+    param_count = total_params - trainable if lora else total_params
+
+    mem = plan_memory(causal_lm(model).config, total_params=total_params, trainable_params=trainable,
+                      longest_row=max(lengths), device=device)  # fmt: skip
+    if mem.activation_checkpointing:
+        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp.learning_rate,
+    )
+    # The data order is a pure function of (seed, epoch, rows per batch): a resumed run replays it exactly.
+    saved = load_resume(resume_dir / RESUME_DIR) if resume_dir is not None else None
+    if saved is not None:
+        rows_per_batch = int(saved[3]["rows_per_batch"])
+    elif hp.batch_size == "max":
+        rows_per_batch = max_batch_rows(mem, max(lengths))
+    else:
+        rows_per_batch = int(hp.batch_size)
+    accumulation = max(1, hp.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(len(rows), rows_per_batch, accumulation)
+    total_steps = per_epoch * hp.n_epochs
+    scheduler = make_scheduler(optimizer, hyper=hp, total_steps=total_steps)
+    plan_digest = hashlib.sha256(json.dumps([lengths, rows_per_batch, accumulation, hp.seed]).encode()).hexdigest()
+    step, first_epoch, skip = 0, 0, 0
+    early: dict[str, Any] = {"best": None, "best_step": 0, "bad": 0, "evals": 0}
+    if saved is not None:
+        opt_state, sched_state, rng_state, state = saved
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(sched_state)
+        restore_rng(rng_state)
+        step, first_epoch, skip = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+        early = dict(state.get("early_stopping") or early)
+        if state.get("plan_digest") != plan_digest:
+            out.event("warning", "The training data or batch plan changed since the checkpoint; the data order "
+                      "after resuming differs from the interrupted run's", level="warning")  # fmt: skip
+
+    eval_at = set(evenly_spaced(hp.n_evals, total_steps)) if val_rows else set()
+    ckpt_at = set(checkpoint_steps(hp.n_checkpoints, total_steps))
+    report_at = report_steps(total_steps)
+    manifest_base = {
+        "base_model": spec.model.name,
+        "base_source": msgspec.to_builtins(spec.model),
+        "method": METHOD,
+        "training_type": hp.training_type,
+        "spec_digest": spec.digest(),
+        "job_id": spec.job_id,
+        "output_name": spec.output_name,
+        "total_steps": total_steps,
+    }
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    wandb_run = _start_wandb(spec, out, total_steps)
+    precision = "bf16 autocast" if use_bf16 else "fp32"
+    out.event(
+        "training_start",
+        f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({trainable:,} of "
+        f"{total_params:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
+        f"{len(rows):,} {'packed rows' if hp.packing else 'examples'} x {hp.n_epochs} epochs, {rows_per_batch} "
+        f"per batch x {accumulation} accumulation, {precision}, {threads} threads on {device.type}"
+        f"{', activation checkpointing' if mem.activation_checkpointing else ''}",
+        total_steps=total_steps,
+        param_count=param_count,
+        trainable_params=trainable,
+        token_count=total_tokens,
+        batch_size=rows_per_batch,
+        eval_steps=len(eval_at),
+        step=step,
+    )
+
+    def save_checkpoint(at_step: int, at_epoch: int, in_epoch: int) -> None:
+        folder = work / "checkpoints" / f"step-{at_step:06d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        _save_weights(model, tokenizer, folder)
+        if in_epoch >= per_epoch:
+            at_epoch, in_epoch = at_epoch + 1, 0
+        state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "rows_per_batch": rows_per_batch,
+                 "plan_digest": plan_digest, "early_stopping": early, "total_steps": total_steps}  # fmt: skip
+        save_resume(folder / RESUME_DIR, optimizer=optimizer, scheduler=scheduler, state=state)
+        write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest_base)
+        prefix = checkpoint_prefix(spec.job_id, at_step)
+        publish(blobs, folder, prefix)
+        out.event("checkpoint_save", f"Checkpoint saved at step {at_step}", step=at_step, checkpoint_path=prefix)
+        out.checkpoint(at_step, prefix, kind="intermediate", adapter=lora)
+
+    # ---- 4. Train: each optimizer step takes `accumulation` micro-batches; the loss is the mean over every trained
+    # token of the whole step, so cutting a micro-batch into memory-sized chunks changes nothing.
+    early_stopped = False
+    cancelled = False
+    for epoch in range(first_epoch, hp.n_epochs):
+        plan = group_steps(
+            plan_epoch(lengths, rows_per_batch=rows_per_batch, seed=hp.seed, epoch=epoch, bucket=not hp.packing),
+            accumulation,
+        )
+        for k in range(skip, len(plan)):
+            started = time.perf_counter()
+            group = [i for micro in plan[k] for i in micro]
+            n_trained = sum(rows[i].trained for i in group)
+            loss_sum, correct, real_tokens = 0.0, 0, 0
+            for micro in plan[k]:
+                for chunk in split_by_tokens(micro, lengths, mem.tokens_per_forward):
+                    batch = {name: t.to(device) for name, t in collate([rows[i] for i in chunk], pad_id).items()}
+                    with autocast():
+                        chunk_loss, chunk_correct, _ = trained_token_loss(model, batch)
+                    (chunk_loss / max(1, n_trained)).backward()
+                    loss_sum += float(chunk_loss.detach())
+                    correct += int(chunk_correct)
+                    real_tokens += sum(lengths[i] for i in chunk)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm if hp.max_grad_norm > 0 else math.inf)
+            lr = float(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - started
+            loss = loss_sum / max(1, n_trained)
+            epoch_pos = epoch + (k + 1) / len(plan)
+            values = {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "train/token_accuracy": correct / max(1, n_trained),
+                "train/tokens_per_second": real_tokens / max(seconds, 1e-9),
+                "train/epoch": epoch_pos,
+            }
+            out.metric(step, **values)
+            out.progress(step, total_steps, epoch=epoch_pos)
+            if wandb_run is not None:
+                wandb_run.log(values, step=step)
+            if step in report_at:
+                out.event(STEP_EVENT, f"Step {step}/{total_steps}: loss {loss:.3f}, lr {lr:.2e}",
+                          step=step, total_steps=total_steps)  # fmt: skip
+
+            if step in eval_at:
+                beat = functools.partial(out.progress, step, total_steps, epoch=epoch_pos)
+                eval_loss, eval_acc = _evaluate(model, val_rows, pad_id, mem.tokens_per_forward, device, autocast, beat)
+                early["evals"] += 1
+                out.metric(step, **{"eval/loss": eval_loss, "eval/token_accuracy": eval_acc})
+                if wandb_run is not None:
+                    wandb_run.log({"eval/loss": eval_loss, "eval/token_accuracy": eval_acc}, step=step)
+                out.event("eval_complete", f"Evaluation at step {step}: loss {eval_loss:.4f}, token accuracy "
+                          f"{eval_acc:.1%}", step=step, eval_loss=eval_loss)  # fmt: skip
+                improved = early["best"] is None or eval_loss < early["best"] - hp.early_stopping_min_delta
+                if improved:
+                    early.update(best=eval_loss, best_step=step, bad=0)
+                elif early["evals"] > hp.early_stopping_warmup_evals:
+                    early["bad"] += 1
+                if hp.early_stopping_enabled and early["bad"] >= hp.early_stopping_patience and step < total_steps:
+                    early_stopped = True
+                    out.event(
+                        "early_stopped",
+                        f"Early stopping at step {step}: the evaluation loss did not improve by more than "
+                        f"{hp.early_stopping_min_delta} for {early['bad']} evaluations; the best was "
+                        f"{early['best']:.4f} at step {early['best_step']}",
+                        step=step,
+                        early_stopping_best_step=early["best_step"],
+                        early_stopping_best_metric_value=early["best"],
+                    )
+
+            if stop.is_set() or (step in ckpt_at and not early_stopped):
+                save_checkpoint(step, epoch, k + 1)
+            if stop.is_set():
+                cancelled = True
+                break
+            if early_stopped:
+                break
+        skip = 0
+        if cancelled or early_stopped:
+            break
+        out.event("epoch_complete", f"Epoch {epoch + 1}/{hp.n_epochs} completed at step {step}", step=step,
+                  epoch=epoch + 1)  # fmt: skip
+    if wandb_run is not None:
+        wandb_run.finish()
+    if cancelled:
+        return Outcome("cancelled", f"Cancelled at step {step} of {total_steps}; checkpoint saved", {"step": step})
+
+    # ---- 5. Save: the adapter and the merged model (LoRA) or the whole model (full), each self-describing.
+    out.event("training_complete", f"Training completed at step {step} of {total_steps}", step=step)
+    out.event("model_uploading", "Uploading the final weights")
+    finals = ["adapter", "merged"] if lora else ["model"]
+    final_meta = dict(manifest_base, step=step, early_stopped=early_stopped)
+    for variant in finals:
+        folder = work / "final" / variant
+        shutil.rmtree(folder, ignore_errors=True)
+        if variant == "merged":
+            model = model.merge_and_unload()
+        if variant != "adapter":
+            model.to(save_dtype)
+        _save_weights(model, tokenizer, folder)
+        write_manifest(folder, kind=variant, adapter=variant == "adapter", **final_meta)
+        prefix = final_prefix(spec.job_id, variant)
+        publish(blobs, folder, prefix)
+        out.checkpoint(step, prefix, kind="final", adapter=variant == "adapter")
+    main_prefix = final_prefix(spec.job_id, finals[-1])
+    out.event("model_upload_complete", f"Final weights uploaded ({', '.join(finals)})", model_path=main_prefix,
+              step=step)  # fmt: skip
+    shutil.rmtree(work / "resume-from", ignore_errors=True)
+    shutil.rmtree(work / "init-from", ignore_errors=True)
+    how = f"early-stopped at step {step} of {total_steps}" if early_stopped else f"{step} steps"
+    data: dict[str, Any] = {"step": step, "total_steps": total_steps, "model_path": main_prefix}
+    if early["best"] is not None:
+        data.update(early_stopping_best_step=early["best_step"], early_stopping_best_metric=early["best"])
+    return Outcome("completed", f"Training completed ({how})", data)
+
+
+# ---- helpers (plain functions; nothing here holds state between calls) -------------------------------------------
+
+
+def _fetch(blobs: BlobStore, prefix: str, target: Path) -> Path:
+    """A checkpoint or output folder, copied from the blob store into the work folder."""
+    download_folder(blobs, prefix, target)
+    return target
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _tokenize(
+    blobs: BlobStore, key: str, filetype: str, tokenizer: Any, spec: TrainSpec
+) -> tuple[list[TokenizedExample], TokenizationReport]:
+    """Tokenize a stored file; a file that cannot be read as a dataset is the user's to fix."""
+    hp = spec.hyper
+    try:
+        with blobs.open(key) as stream:
+            return tokenize_blob(stream, filetype=filetype, tokenizer=tokenizer, dataset_format=None,
+                                 train_on_inputs=hp.train_on_inputs, max_seq_length=hp.max_seq_length)  # fmt: skip
+    except ValueError as exc:
+        raise InvalidRequestError(f"The file {key.rsplit('/', 1)[-1]} could not be tokenized: {exc}") from exc
+
+
+def _reasons(report: TokenizationReport) -> str:
+    if not report.dropped_reasons:
+        return ""
+    return " (" + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(report.dropped_reasons.items())) + ")"
+
+
+def _refuse_unusable(report: TokenizationReport, which: str, max_seq_length: int) -> None:
+    """Stop before training when the data has nothing to learn from, saying why in the data's terms."""
+    if report.trained_tokens > 0:
+        return
+    reasons = report.dropped_reasons
+    cut = reasons.get(NO_TRAINED_AFTER_TRUNCATION, 0)
+    if report.examples == 0 and cut and set(reasons) <= set(NO_TRAINED_REASONS):
+        raise InvalidRequestError(
+            f"Truncation at max_seq_length={max_seq_length} leaves no trained token in the {which} file: "
+            f"{cut:,} of {report.dropped:,} examples lost every trained token to the cut{_reasons(report)}; "
+            "raise max_seq_length or shorten the prompts"
+        )
+    if report.examples == 0 and report.dropped and set(reasons) <= set(NO_TRAINED_REASONS):
+        raise InvalidRequestError(
+            f"Every token of every example of the {which} file is masked ({report.dropped:,} examples), so there "
+            "is nothing to learn; check train_on_inputs, message weights, and that the examples have assistant "
+            "answers or completions"
+        )
+    if report.examples == 0:
+        raise InvalidRequestError(
+            f"The {which} file has no usable examples: {report.dropped:,} dropped{_reasons(report)}"
+        )
+    raise InvalidRequestError(
+        f"Every token of the {which} file is masked ({report.masked_tokens:,} masked, 0 trained), so there is "
+        "nothing to learn; check train_on_inputs and that the examples have assistant answers or completions"
+    )
+
+
+def _sniff_filetype(blobs: BlobStore, key: str) -> str:
+    with blobs.open(key) as fh:
+        return "parquet" if fh.read(4) == b"PAR1" else "jsonl"
+
+
+def _write_tokenized(blobs: BlobStore, key: str, examples: list[TokenizedExample]) -> None:
+    """The tokenized training set as parquet (input_ids, labels), for download-tokenized-dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "input_ids": pa.array([e.input_ids for e in examples], type=pa.list_(pa.int32())),
+            "labels": pa.array([e.labels for e in examples], type=pa.list_(pa.int32())),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    with blobs.writer(key) as w:
+        w.write(buf.getvalue())
+
+
+def _checkpoint_dtype(config: Any) -> torch.dtype:
+    """The dtype the base model was stored in (final whole-model weights are saved in it); fp32 otherwise."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save with `use_cache` on in the stored config (training turns it off; serving wants it)."""
+    config = causal_lm(model).config
+    config.use_cache = True
+    try:
+        save_weights(model, tokenizer, folder)
+    finally:
+        config.use_cache = False
+
+
+@torch.no_grad()
+def _evaluate(
+    model: Any,
+    rows: list[Row],
+    pad_id: int,
+    tokens_per_forward: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    heartbeat: Callable[[], None],
+) -> tuple[float, float]:
+    """Mean loss and token accuracy over every trained token of the validation rows.
+
+    `heartbeat` is called every 30 s or so, so a long evaluation does not look like a silent, dead run.
+    """
+    model.eval()
+    lengths = [r.length for r in rows]
+    loss_sum, correct, count = 0.0, 0, 0
+    beat_at = time.monotonic() + 30
+    for chunk in split_by_tokens(range(len(rows)), lengths, tokens_per_forward):
+        batch = {name: t.to(device) for name, t in collate([rows[i] for i in chunk], pad_id).items()}
+        with autocast():
+            chunk_loss, chunk_correct, n = trained_token_loss(model, batch)
+        loss_sum += float(chunk_loss)
+        correct += int(chunk_correct)
+        count += n
+        if time.monotonic() > beat_at:
+            heartbeat()
+            beat_at = time.monotonic() + 30
+    model.train()
+    return loss_sum / max(1, count), correct / max(1, count)
+
+
+def _start_wandb(spec: TrainSpec, out: EventWriter, total_steps: int) -> Any:
+    """A W&B run when one was asked for and wandb is installed (the key comes in the environment); else None."""
+    if spec.wandb is None:
+        return None
+    if importlib.util.find_spec("wandb") is None:
+        out.event("warning", "Weights & Biases logging was requested, but wandb is not installed on this server; "
+                  "metrics are still recorded with the job", level="warning")  # fmt: skip
+        return None
+    try:
+        import wandb
+
+        settings = wandb.Settings(base_url=spec.wandb.base_url) if spec.wandb.base_url else None
+        wandb_run = wandb.init(project=spec.wandb.project, name=spec.wandb.name or spec.output_name,
+                               entity=spec.wandb.entity, settings=settings,
+                               config={**msgspec.to_builtins(spec.hyper), "total_steps": total_steps})  # fmt: skip
+    except Exception as exc:
+        out.event("warning", f"Weights & Biases logging could not start ({exc}); metrics are still recorded with "
+                  "the job", level="warning")  # fmt: skip
+        return None
+    out.event("wandb_init", "Logging to Weights & Biases", wandb_url=getattr(wandb_run, "url", None))
+    return wandb_run
