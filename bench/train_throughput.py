@@ -7,7 +7,9 @@ its stop flag after the warm-up step plus --steps timed steps; it reports the no
 each step. The baseline is `SFTTrainer` with its defaults (batch 8, gradient checkpointing, padding to the longest
 row, every token trained), except `bf16=False` where this machine cannot run bf16 fast (TRL's default `bf16=True`
 refuses to start on a CPU without bf16 support). Both figures are non-padding tokens per second of a training step,
-the median over the timed steps (the warm-up step excluded; the median resists a step disturbed by a neighbour).
+the median over the timed steps (the warm-up step excluded). The two trainers take turns in one process, one step
+each (ours in a thread, paused between its steps), so a busy neighbour slows both alike; `paired_ratio_median` is
+the median of the step-by-step ratios.
 
 The fp32 and bf16 matmul peaks are measured in the same run (best of several 2048^3 / 512^3 multiplications).
 MFU is against the peak of the dtype the run actually computed in (fp32 here unless bf16 is fast), with model
@@ -106,43 +108,74 @@ def config_params(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class BenchEvents(EventWriter):
-    """The recipe's event stream, also kept in memory; sets the stop flag once `stop_after` steps are done."""
+class Turns:
+    """Strict alternation, one training step each: ours, then TRL's, then ours... Neighbours on a shared machine
+    then slow both sides alike, and each pair of steps is a fair comparison."""
 
-    def __init__(self, path: str, stop: threading.Event, stop_after: int) -> None:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._ours, self._trl = threading.Semaphore(0), threading.Semaphore(0)
+        self.first_step = threading.Event()
+
+    def ours_done(self) -> None:
+        if self.enabled:
+            self._ours.release()
+            if not self._trl.acquire(timeout=TURN_TIMEOUT_S):
+                raise RuntimeError("the baseline's step did not finish")
+
+    def trl_may_start(self) -> None:
+        if not self._ours.acquire(timeout=TURN_TIMEOUT_S):
+            raise RuntimeError("our step did not finish")
+
+    def trl_done(self) -> None:
+        self._trl.release()
+
+
+TURN_TIMEOUT_S = 1800
+
+
+class BenchEvents(EventWriter):
+    """The recipe's event stream, also kept in memory: step rates, and the turn taking after each step."""
+
+    def __init__(self, path: str, stop: threading.Event, stop_after: int, turns: Turns) -> None:
         super().__init__(path)
-        self.stop, self.stop_after = stop, stop_after
+        self.stop, self.stop_after, self.turns = stop, stop_after, turns
         self.rates: list[float] = []
         self.cpu_rates: list[float] = []
         self.events: dict[str, dict[str, Any]] = {}
         self.clock = (time.perf_counter(), time.process_time())
+        self.peak_rss_gb = 0.0
 
     def event(self, type_: str, message: str, *, level: str = "info", **data: Any) -> None:
         super().event(type_, message, level=level, **data)
         self.events[type_] = {"message": message, **data}
         print(f"  [ours] {type_}: {message}", flush=True)
-        if type_ == "training_start":
-            self.clock = (time.perf_counter(), time.process_time())
 
     def metric(self, step: int, **values: float) -> None:
         super().metric(step, **values)
         if "train/tokens_per_second" in values:
-            # A step's tokens are its rate times its time, which is the time since the previous step's metric.
+            # A step's tokens are its rate times its time (the time since the previous step's metric or turn).
             wall, cpu = time.perf_counter(), time.process_time()
             tokens = values["train/tokens_per_second"] * (wall - self.clock[0])
             self.cpu_rates.append(tokens / max(1e-9, (cpu - self.clock[1]) / torch.get_num_threads()))
-            self.clock = (wall, cpu)
             self.rates.append(values["train/tokens_per_second"])
             print(f"  [ours] step {step}: {values['train/tokens_per_second']:.1f} tok/s, "
                   f"loss {values['train/loss']:.3f}", flush=True)  # fmt: skip
 
     def progress(self, step: int, total_steps: int, **extra: Any) -> None:
         super().progress(step, total_steps, **extra)
+        if step == 1:  # our first step ran alone: its peak is ours only
+            self.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            self.turns.first_step.set()
         if step >= self.stop_after:
             self.stop.set()
+        self.turns.ours_done()
+        self.clock = (time.perf_counter(), time.process_time())
 
 
-def run_ours(model: ModelSource, cache: str, rows: list[dict[str, Any]], seq: int, steps: int, tmp: Path) -> dict:
+def run_ours(
+    model: ModelSource, cache: str, rows: list[dict[str, Any]], seq: int, steps: int, tmp: Path, turns: Turns
+) -> dict[str, Any]:
     from tuneforge.train.recipes.sft import run
 
     blobs = open_blob_store(str(tmp / "blobs"))
@@ -154,24 +187,28 @@ def run_ours(model: ModelSource, cache: str, rows: list[dict[str, Any]], seq: in
         output_name="bench/smollm2", hyper=Hyper(max_seq_length=seq, learning_rate=1e-4, n_epochs=1),
     )  # fmt: skip
     stop = threading.Event()
-    out = BenchEvents(spec.events_path, stop, stop_after=1 + steps)
-    outcome = run(spec, out, stop)
-    out.close()
-    timed = out.rates[1 : 1 + steps]
+    out = BenchEvents(spec.events_path, stop, stop_after=1 + steps, turns=turns)
+    try:
+        outcome = run(spec, out, stop)
+    finally:
+        turns.first_step.set()
+        out.close()
     start = out.events["training_start"]
     data = out.events["training_data_download_complete"]
     return {
-        "tok_s": statistics.median(timed),
-        "cpu_tok_s": statistics.median(out.cpu_rates[1 : 1 + steps]),
-        "per_step": [round(r, 1) for r in out.rates],
+        "rates": out.rates,
+        "cpu_rates": out.cpu_rates,
         "rows_per_batch": start["batch_size"],
         "trainable": start["trainable_params"],
         "trained_share": data["trained_tokens"] / max(1, data["token_count"]),
+        "peak_rss_gb": out.peak_rss_gb,
         "outcome": outcome.status,
     }
 
 
-def run_trl(model_dir: Path, rows: list[dict[str, Any]], seq: int, steps: int, tmp: Path, bf16: bool) -> dict:
+def run_trl(
+    model_dir: Path, rows: list[dict[str, Any]], seq: int, steps: int, tmp: Path, bf16: bool, turns: Turns
+) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -183,12 +220,14 @@ def run_trl(model_dir: Path, rows: list[dict[str, Any]], seq: int, steps: int, t
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            turns.trl_may_start()
             self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             times.append(time.perf_counter() - self.t)
             cpu_times.append((time.process_time() - self.c) / torch.get_num_threads())
             print(f"  [trl] step {state.global_step}: {tokens[len(times) - 1] / times[-1]:.1f} tok/s", flush=True)
+            turns.trl_done()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -206,13 +245,13 @@ def run_trl(model_dir: Path, rows: list[dict[str, Any]], seq: int, steps: int, t
         return batch
 
     trainer.data_collator = counting
-    trainer.train()
-    rates = [n / t for n, t in zip(tokens, times, strict=False)]
-    cpu_rates = [n / t for n, t in zip(tokens, cpu_times, strict=False)]
+    try:
+        trainer.train()
+    finally:
+        turns.trl_done()  # never leave our side waiting
     return {
-        "tok_s": statistics.median(rates[1 : 1 + steps]),
-        "cpu_tok_s": statistics.median(cpu_rates[1 : 1 + steps]),
-        "per_step": [round(r, 1) for r in rates],
+        "rates": [n / t for n, t in zip(tokens, times, strict=False)],
+        "cpu_rates": [n / t for n, t in zip(tokens, cpu_times, strict=False)],
         "batch_size": config.per_device_train_batch_size,
         "gradient_checkpointing": config.gradient_checkpointing,
         "lengths": [len(x) for x in trainer.train_dataset["input_ids"]],
@@ -240,10 +279,26 @@ def main() -> None:
     model_dir = resolve_model_dir(source, a.cache)
     print(f"model folder {model_dir} ({time.perf_counter() - t:.1f}s)", flush=True)
     rows = conversations(a.examples)
+    turns = Turns(enabled=not a.no_baseline)
+    found: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
-        ours = run_ours(source, a.cache, rows, a.seq, a.steps, Path(tmp))
-        peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        base = None if a.no_baseline else run_trl(model_dir, rows, a.seq, a.steps, Path(tmp), bf16=use_bf16)
+
+        def ours_thread() -> None:
+            try:
+                found["ours"] = run_ours(source, a.cache, rows, a.seq, a.steps, Path(tmp), turns)
+            except BaseException as exc:
+                found["error"] = exc
+
+        worker = threading.Thread(target=ours_thread, name="ours")
+        worker.start()
+        turns.first_step.wait()
+        base = None
+        if not a.no_baseline and "error" not in found:
+            base = run_trl(model_dir, rows, a.seq, a.steps, Path(tmp), use_bf16, turns)
+        worker.join()
+    if "error" in found:
+        raise found["error"]
+    ours = found["ours"]
 
     from transformers import AutoConfig
 
@@ -251,31 +306,38 @@ def main() -> None:
     lengths = base["lengths"] if base else [a.seq] * 8
     dtype = "bf16" if use_bf16 else "fp32"
     peak = peak16 if use_bf16 else peak32
+    timed = slice(1, 1 + a.steps)
+    tok_s = statistics.median(ours["rates"][timed])
+    cpu_tok_s = statistics.median(ours["cpu_rates"][timed])
+    base_tok_s = statistics.median(base["rates"][timed]) if base else None
+    base_cpu_tok_s = statistics.median(base["cpu_rates"][timed]) if base else None
+    pairs = [o / b for o, b in zip(ours["rates"][timed], base["rates"][timed], strict=False)] if base else []
     ours_flops = flops_per_token(config, lengths, ours["trained_share"], ours["trainable"])
     base_flops = flops_per_token(config, lengths, 1.0, ours["trainable"])  # TRL trains every token
     result = {
-        "tok_s": round(ours["tok_s"], 2),
+        "tok_s": round(tok_s, 2),
         "peak_gflops": round(peak, 2),
-        "mfu": round(ours["tok_s"] * ours_flops / 1e9 / peak, 4),
-        "baseline_tok_s": round(base["tok_s"], 2) if base else None,
-        "ratio": round(ours["tok_s"] / base["tok_s"], 3) if base else None,
+        "mfu": round(tok_s * ours_flops / 1e9 / peak, 4),
+        "baseline_tok_s": round(base_tok_s, 2) if base_tok_s else None,
+        "ratio": round(tok_s / base_tok_s, 3) if base_tok_s else None,
         "dtype": dtype,
         "mfu_basis": f"{dtype} matmul peak measured in this run",
         "peak_gflops_fp32": round(peak32, 2),
         "peak_gflops_bf16": round(peak16, 2),
-        "cpu_tok_s": round(ours["cpu_tok_s"], 2),
-        "baseline_cpu_tok_s": round(base["cpu_tok_s"], 2) if base else None,
-        "cpu_ratio": round(ours["cpu_tok_s"] / base["cpu_tok_s"], 3) if base else None,
-        "baseline_mfu": round(base["tok_s"] * base_flops / 1e9 / peak, 4) if base else None,
+        "paired_ratio_median": round(statistics.median(pairs), 3) if pairs else None,
+        "cpu_tok_s": round(cpu_tok_s, 2),
+        "baseline_cpu_tok_s": round(base_cpu_tok_s, 2) if base_cpu_tok_s else None,
+        "cpu_ratio": round(cpu_tok_s / base_cpu_tok_s, 3) if base_cpu_tok_s else None,
+        "baseline_mfu": round(base_tok_s * base_flops / 1e9 / peak, 4) if base_tok_s else None,
         "mflops_per_token": round(ours_flops / 1e6, 1),
         "baseline_mflops_per_token": round(base_flops / 1e6, 1),
         "trained_share": round(ours["trained_share"], 3),
         "rows_per_batch": ours["rows_per_batch"],
         "baseline_batch_size": base["batch_size"] if base else None,
         "baseline_gradient_checkpointing": base["gradient_checkpointing"] if base else None,
-        "ours_per_step_tok_s": ours["per_step"],
-        "baseline_per_step_tok_s": base["per_step"] if base else None,
-        "peak_rss_gb_ours": round(peak_rss_gb, 2),
+        "ours_per_step_tok_s": [round(r, 1) for r in ours["rates"]],
+        "baseline_per_step_tok_s": [round(r, 1) for r in base["rates"]] if base else None,
+        "peak_rss_gb_ours": round(ours["peak_rss_gb"], 2),
         "seq_len": a.seq,
         "steps_timed": a.steps,
         "threads": threads,

@@ -94,7 +94,7 @@ def plan_memory(
     """Tokens per forward/backward that fit, by the rule documented in the module constants.
 
     budget   = MEMORY_SHARE x available memory - static
-    static   = 4 x all params (fp32 weights) + 16 x trainable params (grad + two AdamW moments + master copy)
+    static   = 4 x all params (fp32 weights) + 16 x trainable params (gradient, two AdamW moments, temporaries)
     per token= 4 x layers x (16 x hidden + 9 x intermediate) + 3 x 4 x vocab
     tokens   = min(budget / per token, CPU 2048 or GPU 65536), at least one row of `longest_row`.
     When not even one row fits, activations are recomputed in the backward (checkpointing), which keeps
