@@ -31,12 +31,11 @@ from typing import Any
 
 import pytest
 from e2e_support import (
-    CLI_ENV,
     UNFINISHED,
     LiveServer,
     opened,
     put_bytes,
-    script_command,
+    run_together,
     start_server,
     tuneforge_cli,
     wait_processed_sdk,
@@ -408,37 +407,6 @@ def logits(model: Any, tokenizer: Any, text: str) -> Any:
 
 
 # --- the together CLI ---------------------------------------------------------------------------------------------
-
-
-def run_together(
-    server: LiveServer, key: str, *args: str, cwd: Path, check: bool = True, timeout: float = 90
-) -> subprocess.CompletedProcess[str]:
-    """Run `together ARGS` with only this key and base URL, and a private HOME (no stored `tg login`)."""
-    home = cwd / "cli-home"
-    home.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOGETHER_")}
-    env |= {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "TOGETHER_API_KEY": key,
-        "TOGETHER_BASE_URL": server.api,
-        "NO_COLOR": "1",
-        "CI": "1",  # no shell-completion set-up on each run
-        "COLUMNS": "250",
-        **CLI_ENV,
-    }
-    proc = subprocess.run(
-        [*script_command("together"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"together {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def run_together_all(

@@ -8,7 +8,6 @@ thinks an AI agent is running it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,48 +16,15 @@ from typing import Any
 import pytest
 import together
 from e2e_support import (
-    CLI_ENV,
     INVALID_LINE,
     TUNEFORGE_FILE_ID_RE,
     LiveServer,
     names_line,
-    script_command,
+    run_together,
     wait_processed_sdk,
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def run_together(
-    server: LiveServer, key: str, *args: str, cwd: Path, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run `together ARGS` with only this key and base URL, and a private HOME (no stored `tg login`)."""
-    home = cwd / "cli-home"
-    home.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOGETHER_")}
-    env |= {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "TOGETHER_API_KEY": key,
-        "TOGETHER_BASE_URL": server.api,
-        "NO_COLOR": "1",
-        # Otherwise the CLI generates and installs shell completion scripts into HOME (~2.5 s a run).
-        "CI": "1",
-        "COLUMNS": "200",
-        **CLI_ENV,
-    }
-    proc = subprocess.run(
-        [*script_command("together"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"together {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
