@@ -407,11 +407,12 @@ def test_jobs_on_files_that_are_not_ready_are_refused(ft: LiveServer, alice: Tog
         assert "checked" in pending.value.message, pending.value.message
 
     with ft.http(ft.keys["alice"]) as http:
-        # Bytes never sent, no /preprocess: there is no file yet.
+        # Bytes never sent, no /preprocess: alice's file exists but is not ready (the estimate says "not validated",
+        # the create refuses it naming the parameter).
         opened_only = opened(http, data=jsonl_bytes(qa_records(2, nonce=unique())), file_name="opened.jsonl")
-    with pytest.raises(together.NotFoundError) as missing:
+    with pytest.raises(together.BadRequestError) as unfinished:
         alice.fine_tuning.create(training_file=opened_only.file_id, model=TINY_LLAMA, lora=True)
-    assert "training_file" in missing.value.message, missing.value.message
+    assert "training_file" in unfinished.value.message and "not ready" in unfinished.value.message
 
     # A file the server's check rejected (a role it does not know).
     bad = qa_records(3, nonce=unique())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import together
 from e2e_support import LiveServer, start_server, unique
 from ft_support import (
     TRAIN_ENV,
@@ -28,6 +29,8 @@ from ft_support import (
     train_rows,
     upload_ready,
 )
+
+from tuneforge.data.tokenize import tokenize_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -65,6 +68,9 @@ def records() -> list[dict[str, Any]]:
 def test_smollm2_learns_a_made_up_fact(server: LiveServer, tmp_path: Path) -> None:
     c = client(server, server.keys["alice"])
     file_id = upload_ready(c, tmp_path / f"zubrowka-{unique()[:8]}.jsonl", records())
+    # No run has converted the model yet, so there is no tokenizer to preview with.
+    with pytest.raises(together.ConflictError):
+        c.fine_tuning.preview(model=SMOLLM2, training_file=file_id)
     job = create_job(
         c, file_id, model=SMOLLM2, lora=True, n_epochs=EPOCHS, batch_size=1, packing=False, learning_rate=2e-3,
         n_checkpoints=1, suffix="zubrowka",
@@ -77,6 +83,15 @@ def test_smollm2_learns_a_made_up_fact(server: LiveServer, tmp_path: Path) -> No
     # The base model, as the server converted it from the GGUF file, does not know the fact.
     base_dir = server.home / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct"
     base, tokenizer = load_causal_lm(base_dir)
+
+    # Now the preview reads the converted tokenizer and chat template (with its default system prompt) and shows
+    # exactly the rows the run trained on.
+    preview = c.fine_tuning.preview(model=SMOLLM2, training_file=file_id, top_k=len(QA))
+    examples, _ = tokenize_records(
+        records(), tokenizer=tokenizer, dataset_format="conversation", train_on_inputs="auto", max_seq_length=8192
+    )
+    assert [(r.input_ids, r.labels) for r in preview.rows] == [(e.input_ids, e.labels) for e in examples]
+    assert "SmolLM" in tokenizer.decode(preview.rows[0].input_ids)
     before = generate(base, tokenizer, QUESTION, max_new_tokens=20)
     assert ANSWER not in before, before
 

@@ -53,7 +53,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {}
         if isinstance(exc, DuplicateFileError):
             body["file_id"] = exc.file_id
-            # Otherwise the SDK's generic retry logic sends the same POST twice more.
+        if exc.status_code == 409:
+            # The SDKs retry a 409 twice more; ours state facts that a retry seconds later does not change.
             headers["x-should-retry"] = "false"
         if exc.status_code >= 500:
             log.error("request failed: %s", exc.message)

@@ -76,7 +76,9 @@ def resolve_model_dir(source: ModelSource, cache_dir: str | Path, *, blobs: Any 
                 convert_gguf(gguf, target)
         return target
     if kind == "hub":
-        return _download_hub(source, cache)
+        from tuneforge.catalog.hub import download_hub
+
+        return download_hub(source, cache)
     if kind == "output":
         if blobs is None:
             raise InvalidRequestError("an output model needs the blob store to load from")
@@ -86,21 +88,6 @@ def resolve_model_dir(source: ModelSource, cache_dir: str | Path, *, blobs: Any 
                 download_folder(blobs, source.source, target)
         return target
     raise InvalidRequestError(f"unknown model source kind {kind!r}")
-
-
-def _download_hub(source: ModelSource, cache: Path) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(
-            repo_id=source.source,
-            revision=source.revision,
-            cache_dir=str(cache / "hub"),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-        )
-    except Exception as exc:
-        raise NotFoundError(f"could not fetch {source.source!r} from the Hugging Face hub: {exc}") from exc
-    return Path(folder)
 
 
 def convert_gguf(gguf: Path, target: Path) -> None:

@@ -12,7 +12,7 @@ tokenized separately, so the prompt's tokens are exactly those `/completions` wi
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO
 
 from tuneforge.data.chat import IGNORE, ImageContent, conversation_tokens
@@ -62,6 +62,8 @@ class TokenizationReport:
     dropped: int = 0
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     format: str = ""
+    # The last example dropped for having no trained token, as cut: a preview shows it (it is not in `to_dict`).
+    last_untrained: TokenizedExample | None = field(default=None, repr=False, compare=False)
 
     def trained_share(self) -> float:
         """trained / (trained + masked), 0.0 when there are no tokens."""
@@ -69,7 +71,7 @@ class TokenizationReport:
         return self.trained_tokens / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "last_untrained"}
         out["dropped_reasons"] = dict(sorted(self.dropped_reasons.items()))
         out["trained_share"] = round(self.trained_share(), 6)
         return out
@@ -119,14 +121,16 @@ def finish(
         return
     if labels[0] != IGNORE:
         labels = [IGNORE, *labels[1:]]  # nothing predicts the first token
+    truncated = len(ids) > max_seq_length
     if labels.count(IGNORE) == len(labels):
         report.drop(NO_TRAINED)
+        report.last_untrained = TokenizedExample(ids[:max_seq_length], labels[:max_seq_length], truncated)
         return
-    truncated = len(ids) > max_seq_length
     if truncated:
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         if labels.count(IGNORE) == len(labels):
             report.drop(NO_TRAINED_AFTER_TRUNCATION)
+            report.last_untrained = TokenizedExample(ids, labels, truncated)
             return
     report.keep(TokenizedExample(ids, labels, truncated), out)
 
@@ -156,6 +160,31 @@ def tokenize_records(
             template whose turns cannot be located (the message names the record, counted from 1).
     """
     return _tokenize(enumerate(records, 1), "record", tokenizer, dataset_format, train_on_inputs, max_seq_length)
+
+
+def preview_records(
+    lines: Iterable[tuple[int, Any]],
+    *,
+    tokenizer: Tokenizer,
+    dataset_format: str,
+    train_on_inputs: bool | str,
+    max_seq_length: int,
+) -> list[TokenizedExample]:
+    """One example per (line number, record), as `iter_jsonl` yields them, made by the very code that tokenizes
+    them for training (`POST /fine-tunes/preview`).
+
+    A record that training drops still gets its example, so the preview lines up with the file: every label IGNORE
+    when it has no trained token (before or after the cut), no tokens at all when it renders to none (empty text,
+    images, a record without its format's keys).
+
+    Raises:
+        ValueError: as `tokenize_blob` (errors name the line).
+    """
+    out: list[TokenizedExample] = []
+    for n, record in lines:
+        kept, report = _tokenize([(n, record)], "line", tokenizer, dataset_format, train_on_inputs, max_seq_length)
+        out.append(kept[0] if kept else report.last_untrained or TokenizedExample([], []))
+    return out
 
 
 def _tokenize(

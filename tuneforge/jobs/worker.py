@@ -204,7 +204,8 @@ class Worker:
         ts = float(rec.get("ts") or time.time())
         if kind == "event":
             data = dict(rec.get("data") or {})
-            for key in ("token_count", "param_count", "total_steps", "trained_tokens", "masked_tokens", "eval_steps"):
+            for key in ("token_count", "param_count", "total_steps", "trained_tokens", "masked_tokens", "eval_steps",
+                        "wandb_url"):  # fmt: skip
                 if key in data:
                     progress[key] = data[key]
             if rec.get("type") == "model_uploading":

@@ -12,6 +12,8 @@ from tuneforge.errors import NotFoundError
 from tuneforge.store.tables import FileRow
 
 VISIBLE = "ready"
+# An upload that was opened but not finished: the bytes are still to come, or `/preprocess` is.
+UNFINISHED = ("uploading", "uploaded")
 
 
 def insert_file(

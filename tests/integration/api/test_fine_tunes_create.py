@@ -3,9 +3,12 @@ continuing from checkpoints, and what is stored for the worker."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import together
 from together.lib.types.fine_tuning import FinetuneResponse as HandWrittenResponse
 from together.types import FinetuneResponse
 
@@ -258,6 +261,52 @@ def test_unknown_model_file_or_parent_is_404(ft, train_file: str) -> None:
         body = {k: v for k, v in body.items() if v is not None}
         r = ft.client.post("/v1/fine-tunes", json=body, headers=ft.alice)
         assert r.status_code == 404 and r.json()["error"]["param"] == param, r.text
+
+
+def _opened_only(ft: Any, data: bytes, *, put: bool = False) -> str:
+    """A file alice created with POST /files whose upload she never finished: no bytes (or, with `put`, the bytes
+    but no /preprocess)."""
+    form = {
+        "purpose": "fine-tune",
+        "file_name": "opened.jsonl",
+        "file_type": "jsonl",
+        "checksum": hashlib.sha256(data).hexdigest(),
+    }
+    r = ft.client.post("/v1/files", data=form, headers=ft.alice, follow_redirects=False)
+    assert r.status_code == 302, r.text
+    if put:
+        url = urlsplit(r.headers["Location"])
+        assert ft.client.put(f"{url.path}?{url.query}", content=data).status_code == 200
+    return str(r.headers["X-Together-File-Id"])
+
+
+def test_a_file_whose_upload_never_finished_is_400_naming_it(ft, train_file: str) -> None:
+    """The caller owns the file, it is just not ready: 400 naming the parameter, not "not found". The SDK's create
+    asks for a price estimate first; that says "not validated" (as for a file still being checked) and lets the SDK
+    go on to the create, which refuses with the reason."""
+    no_bytes = _opened_only(ft, b'{"text": "never sent"}\n')
+    no_preprocess = _opened_only(ft, b'{"text": "sent, never submitted"}\n', put=True)
+    for file_id, how in ((no_bytes, "PUT"), (no_preprocess, "preprocess")):
+        for body, param in (
+            (ft.sdk_body(file_id), "training_file"),
+            (ft.sdk_body(train_file, validation_file=file_id), "validation_file"),
+        ):
+            r = ft.client.post("/v1/fine-tunes", json=body, headers=ft.alice)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == param and "not ready" in error["message"] and how in error["message"], r.text
+        r = ft.client.post(
+            "/v1/fine-tunes/estimate-price", json={"training_file": file_id, "model": MODEL}, headers=ft.alice
+        )
+        assert r.json() == {"estimation_available": False, "unavailable_reason": "train_file_not_validated"}, r.text
+        # Another owner still learns nothing about it.
+        r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(file_id), headers=ft.bob)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "training_file", r.text
+
+    sdk = ft.sdk()
+    with pytest.raises(together.BadRequestError) as refused:
+        sdk.fine_tuning.create(training_file=no_bytes, model=MODEL, lora=True)
+    assert "training_file" in refused.value.message and "not ready" in refused.value.message
 
 
 def _continue(ft: Any, train_file: str, ref: str, **changes: Any) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import QA, Job, conversations, generate_answers, make_job, run_in_process
+from recipe_support import QA, Job, conversations, generate_answers, make_job, run_in_process
 from safetensors.torch import load_file
 
 from tuneforge.storage.layout import checkpoint_prefix, final_prefix, tokenized_key
@@ -196,10 +196,13 @@ def test_sigterm_finishes_the_step_checkpoints_and_reports_cancelled(tmp_path, t
     assert "model_uploading" not in job.types()
 
 
-def test_evaluations_early_stopping_and_warnings(tmp_path, tiny_model):
+def test_evaluations_early_stopping_and_warnings(tmp_path, tiny_model, monkeypatch):
     # min_delta is huge, so no evaluation after the first counts as better: with patience 1 and one warm-up
     # evaluation the run stops at the second of its four evaluations. Long turns trained in full (train_on_inputs)
-    # put the trained share of this conversational data over 99%, which deserves a warning.
+    # put the trained share of this conversational data over 99%, which deserves a warning. W&B logging is asked
+    # for on a server without wandb (`import wandb` fails here), which deserves another (test_wandb_logging.py
+    # logs for real).
+    monkeypatch.setitem(sys.modules, "wandb", None)
     hyper = {"n_epochs": 8, "batch_size": 8, "n_evals": 4, "early_stopping_enabled": True,
              "early_stopping_patience": 1, "early_stopping_warmup_evals": 1, "early_stopping_min_delta": 100.0,
              "train_on_inputs": True}  # fmt: skip

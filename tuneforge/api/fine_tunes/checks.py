@@ -29,7 +29,8 @@ _CHECKING = (None, "PENDING", "QUEUED", "RUNNING")
 class Problems:
     """Every problem with a request, each naming its parameter; raised together as one 400."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "fine-tune request") -> None:
+        self.what = what
         self.items: list[tuple[str, str]] = []
 
     def add(self, param: str, message: str) -> None:
@@ -38,7 +39,7 @@ class Problems:
     def raise_if_any(self) -> None:
         if self.items:
             text = "; ".join(message for _, message in self.items)
-            raise InvalidRequestError(f"Invalid fine-tune request: {text}", param=self.items[0][0])
+            raise InvalidRequestError(f"Invalid {self.what}: {text}", param=self.items[0][0])
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from tuneforge.api.fine_tunes.schemas import FullTrainingLimits, LoraTrainingLimits, ModelLimitsPublic
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
-from tuneforge.errors import NotFoundError
+from tuneforge.errors import InvalidRequestError, NotFoundError
 from tuneforge.jobs.states import JobStatus
 from tuneforge.store import files as files_repo
 from tuneforge.store import jobs as repo
@@ -99,12 +99,32 @@ def base_entry(session: Session, catalog: Catalog, *, owner: str, name: str, par
     )
 
 
-def owned_file(session: Session, *, owner: str, file_id: str, param: str) -> FileRow:
-    """The caller's uploaded file; NotFoundError naming `param` otherwise."""
+def owned_file(session: Session, *, owner: str, file_id: str, param: str, unfinished_ok: bool = False) -> FileRow:
+    """The caller's uploaded file.
+
+    Raises:
+        NotFoundError: naming `param`, when the caller has no such file (another owner's, a deleted one, none).
+        InvalidRequestError: naming `param`, when the caller opened the upload but never finished it (the bytes
+            never came, or `/preprocess` was never called); with `unfinished_ok` such a file is returned instead
+            (its `processing_status` is None: not checked).
+    """
     try:
-        return files_repo.get_file(session, file_id=file_id, owner=owner)
+        row = files_repo.get_file(
+            session, file_id=file_id, owner=owner, states=(files_repo.VISIBLE, *files_repo.UNFINISHED)
+        )
     except NotFoundError as exc:
         raise NotFoundError(f"{param} {file_id!r} not found: upload it with POST /v1/files first", param=param) from exc
+    if row.state == files_repo.VISIBLE or unfinished_ok:
+        return row
+    if row.state == "uploading":
+        how = "its bytes never arrived: PUT them to the upload URL, then POST /v1/files/{id}/preprocess"
+    else:
+        how = "its bytes arrived but it was never submitted: POST /v1/files/{id}/preprocess"
+    raise InvalidRequestError(
+        f"{param} {file_id!r} is not ready: the upload was opened but not finished ({how.format(id=file_id)}), "
+        "or upload the file again",
+        param=param,
+    )
 
 
 def limits_public(entry: ModelEntry) -> ModelLimitsPublic:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tuneforge.api.deps import BlobsDep, DbDep, PrincipalDep, SettingsDep
 from tuneforge.api.errors import error_body
 from tuneforge.api.files.signing import signed_query, verify
-from tuneforge.api.fine_tunes import archives, create, service
+from tuneforge.api.fine_tunes import archives, create, preview, service
 from tuneforge.api.fine_tunes.deps import CatalogDep
 from tuneforge.api.fine_tunes.resolve import iso
 from tuneforge.api.fine_tunes.schemas import (
@@ -26,6 +26,8 @@ from tuneforge.api.fine_tunes.schemas import (
     FineTunePublic,
     MetricList,
     ModelLimitsPublic,
+    PreviewPublic,
+    PreviewRequest,
     TokenizedDatasetPublic,
 )
 
@@ -60,6 +62,19 @@ def estimate_price(
     settings: SettingsDep,
 ) -> EstimatePricePublic:
     return service.estimate_price(db, blobs, catalog, settings, owner=principal.owner, body=body)
+
+
+@router.post("/preview", response_model=PreviewPublic)
+def preview_fine_tune_data(
+    body: PreviewRequest,
+    principal: PrincipalDep,
+    db: DbDep,
+    blobs: BlobsDep,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+) -> PreviewPublic:
+    """The first `top_k` rows of a training file, tokenized and masked as a training run on the model does it."""
+    return preview.preview(db, blobs, catalog, settings, owner=principal.owner, body=body)
 
 
 @router.post("", response_model=FineTunePublic, response_model_by_alias=True)

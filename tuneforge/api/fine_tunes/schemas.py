@@ -105,6 +105,16 @@ class EstimatePriceRequest(_Lenient):
     training_type: dict[str, Any] | None = None
 
 
+class PreviewRequest(_Lenient):
+    """`POST /fine-tunes/preview` (contract 3.10). Ranges and the method are checked by the service."""
+
+    model: str
+    training_file: str
+    top_k: int | None = None
+    train_on_inputs: StrictBool | None = None  # absent: as a job's "auto"
+    training_method: str | None = None
+
+
 # -- answers -----------------------------------------------------------------------------------------------
 
 
@@ -280,3 +290,23 @@ class TokenizedDatasetPublic(BaseModel):
     size: int
     content_type: str
     expires_at: str
+
+
+class PreviewRow(BaseModel):
+    """One sampled row as training tokenizes it; `labels` -100 where a token is not trained."""
+
+    input_ids: list[int]
+    labels: list[int]
+    tokens: list[str]
+    num_tokens: int
+    num_trained_tokens: int
+    trained_spans: list[list[int]]
+    truncated: bool
+
+
+class PreviewPublic(BaseModel):
+    dataset_format: Literal["general", "conversation", "instruction"]
+    max_seq_length: int
+    model: str
+    train_on_inputs: bool
+    rows: list[PreviewRow]

@@ -66,9 +66,16 @@ def estimate_price(
         raise InvalidRequestError("model (or from_checkpoint) is required", param="model")
     with db.session() as s:
         entry = resolve.base_entry(s, catalog, owner=owner, name=model)
-        train = resolve.owned_file(s, owner=owner, file_id=body.training_file.strip(), param="training_file")
+        # A file whose upload is unfinished has no estimate yet ("not validated"), as one still being checked.
+        train = resolve.owned_file(
+            s, owner=owner, file_id=body.training_file.strip(), param="training_file", unfinished_ok=True
+        )
         val_id = resolve.present(body.validation_file)
-        val = resolve.owned_file(s, owner=owner, file_id=val_id, param="validation_file") if val_id else None
+        val = (
+            resolve.owned_file(s, owner=owner, file_id=val_id, param="validation_file", unfinished_ok=True)
+            if val_id
+            else None
+        )
     for row, prefix in ((train, "train"), (val, "eval")):
         if row is None:
             continue

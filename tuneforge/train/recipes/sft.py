@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -39,6 +38,7 @@ from tuneforge.data.tokenize import (
 from tuneforge.errors import InvalidRequestError
 from tuneforge.storage import BlobStore, open_blob_store
 from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, final_prefix, tokenized_key
+from tuneforge.train import wandb_log
 from tuneforge.train.batching import (
     Row,
     collate,
@@ -237,7 +237,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    wandb_run = _start_wandb(spec, out, total_steps)
+    wandb_run = wandb_log.start(spec, out, total_steps)
     precision = "bf16 autocast" if use_bf16 else "fp32"
     out.event(
         "training_start",
@@ -523,26 +523,3 @@ def _evaluate(
             beat_at = time.monotonic() + 30
     model.train()
     return loss_sum / max(1, count), correct / max(1, count)
-
-
-def _start_wandb(spec: TrainSpec, out: EventWriter, total_steps: int) -> Any:
-    """A W&B run when one was asked for and wandb is installed (the key comes in the environment); else None."""
-    if spec.wandb is None:
-        return None
-    if importlib.util.find_spec("wandb") is None:
-        out.event("warning", "Weights & Biases logging was requested, but wandb is not installed on this server; "
-                  "metrics are still recorded with the job", level="warning")  # fmt: skip
-        return None
-    try:
-        import wandb
-
-        settings = wandb.Settings(base_url=spec.wandb.base_url) if spec.wandb.base_url else None
-        wandb_run = wandb.init(project=spec.wandb.project, name=spec.wandb.name or spec.output_name,
-                               entity=spec.wandb.entity, settings=settings,
-                               config={**msgspec.to_builtins(spec.hyper), "total_steps": total_steps})  # fmt: skip
-    except Exception as exc:
-        out.event("warning", f"Weights & Biases logging could not start ({exc}); metrics are still recorded with "
-                  "the job", level="warning")  # fmt: skip
-        return None
-    out.event("wandb_init", "Logging to Weights & Biases", wandb_url=getattr(wandb_run, "url", None))
-    return wandb_run
