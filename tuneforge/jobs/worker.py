@@ -293,6 +293,7 @@ class Worker:
                 s, job_id=job_id, from_statuses=(*tuple(LIVE_RUN), S.QUEUED, S.PENDING), to_status=status,
                 event_type=event_type, message=message, level=level, finished_at=time.time(), runner=None,
                 error=message if status in (S.ERROR, S.USER_ERROR) else None,
+                secrets={},  # an ended job needs no key any more: none is kept at rest
             )  # fmt: skip
 
     # -- restart ---------------------------------------------------------------------------------------

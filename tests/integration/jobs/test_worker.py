@@ -56,6 +56,7 @@ def test_a_job_runs_to_completion_with_its_events_metrics_and_checkpoints(env):
     _insert(db, "ft-1")
     job = _drive(worker, "ft-1")
     assert job.status == "completed" and job.attempt == 1 and job.runner is None
+    assert job.secrets == {}  # kept only while a run may still need them
     with db.session() as s:
         types = [e.type for e in repo.list_events(s, job_id="ft-1")]
         assert types == ["job_pending", "job_start", "training_start", "model_uploading", "job_complete"]
@@ -89,6 +90,7 @@ def test_a_failing_run_ends_in_error_with_its_reason(env):
     _insert(db, "ft-e")
     job = _drive(worker, "ft-e")
     assert job.status == "error" and "scripted failure at step 2" in job.error
+    assert job.secrets == {}
 
 
 class DyingExecutor(FakeExecutor):

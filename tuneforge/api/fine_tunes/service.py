@@ -204,6 +204,7 @@ def _cancel_now(s: Any, job_id: str, status: JobStatus) -> bool:
         event_type="cancel_requested",
         message="Cancel requested by the user",
         finished_at=time.time(),
+        secrets={},  # an ended job needs no key any more
     )
     if moved:
         repo.add_event(s, job_id=job_id, type_="job_stopped", message="Job cancelled before it started")
