@@ -29,6 +29,7 @@ from tuneforge.api.fine_tunes.tokens import safe_model_name
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.data.chat import render_preview_row
+from tuneforge.data.templates import adopt_training_template
 from tuneforge.data.tokenize import SFT_FORMATS, detect_format, iter_jsonl, preview_records, train_inputs
 from tuneforge.errors import ConflictError, InvalidRequestError
 from tuneforge.settings import Settings
@@ -194,7 +195,9 @@ def _stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
 def _folder_tokenizer(folder: str, stamp: Any) -> HFTokenizer:
     from tuneforge.data.hf_tokenizer import HFTokenizer, read_folder
 
-    return HFTokenizer(read_folder(Path(folder)))
+    tokenizer = HFTokenizer(read_folder(Path(folder)))
+    adopt_training_template(tokenizer)  # as the training run does
+    return tokenizer
 
 
 _blob_cache: OrderedDict[str, HFTokenizer] = OrderedDict()
@@ -216,6 +219,7 @@ def _blob_tokenizer(blobs: BlobStore, prefix: str) -> HFTokenizer:
             with blobs.open(key) as fh:
                 files[name] = fh.read()
     tokenizer = HFTokenizer(files)
+    adopt_training_template(tokenizer)  # as the training run does (an output saved the template it adopted)
     with _blob_lock:
         _blob_cache[prefix] = tokenizer
         while len(_blob_cache) > 8:

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.catalog.loading import download_folder, resolve_model_dir
 from tuneforge.data.packing import pack_examples
+from tuneforge.data.templates import adopt_training_template
 from tuneforge.data.tokenize import (
     NO_TRAINED,
     NO_TRAINED_AFTER_TRUNCATION,
@@ -101,10 +102,15 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     pad_id = _pad_id(tokenizer)
     note = ""
+    adopted = adopt_training_template(tokenizer)
+    if adopted:
+        note = (f"; its chat template renders earlier turns differently once later ones follow, so multi-turn "
+                f"conversations are tokenized with TRL's prefix-preserving {adopted} template (saved with the "
+                "outputs)")  # fmt: skip
     if spec.resume is not None:
-        note = f" (resuming from step {spec.resume.step})"
+        note = f" (resuming from step {spec.resume.step}){note}"
     elif spec.init is not None:
-        note = f" (continuing from {spec.init.key}, step {spec.init.step})"
+        note = f" (continuing from {spec.init.key}, step {spec.init.step}){note}"
     out.event("model_download_complete", f"Base model {spec.model.name} is ready{note}")
     if stop.is_set():
         return Outcome("cancelled", "Cancelled before training started")
