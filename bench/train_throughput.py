@@ -17,7 +17,7 @@ FLOPs per token = 4 x body params (forward plus activation gradients; frozen wei
 + 6 x LoRA params + 4 x head params at trained positions (ours computes logits only there) + causal attention
 (3 x 2 x 2 x layers x hidden x context, per example). Activation recomputation is not counted.
 
-    python bench/train_throughput.py [--steps 3] [--seq 512] [--examples 96] [--cache DIR] [--no-baseline]
+    python bench/train_throughput.py [--steps 5] [--seq 512] [--examples 96] [--cache DIR] [--no-baseline]
 
 Timings drift up to 3x on a shared machine: compare the two figures of one run, not figures across runs. The
 `cpu_*` figures divide by this process's CPU time per thread instead of wall time, which neighbours disturb less.
@@ -260,7 +260,7 @@ def run_trl(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step, each side")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step, each side")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--examples", type=int, default=96)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tuneforge" / "models"))
