@@ -135,6 +135,18 @@ class FT:
         self.uploaded[key] = file_id
         return file_id
 
+    def open_upload(self, data: bytes, *, put: bool = False) -> str:
+        """A file alice created with POST /files whose upload she never finished: no bytes (or, with `put`, the
+        bytes but no /preprocess)."""
+        form = {"purpose": "fine-tune", "file_name": "opened.jsonl", "file_type": "jsonl",
+                "checksum": hashlib.sha256(data).hexdigest()}  # fmt: skip
+        r = self.client.post("/v1/files", data=form, headers=self.alice, follow_redirects=False)
+        assert r.status_code == 302, r.text
+        if put:
+            url = urlsplit(r.headers["Location"])
+            assert self.client.put(f"{url.path}?{url.query}", content=data).status_code == 200
+        return str(r.headers["X-Together-File-Id"])
+
     def create(self, body: dict[str, Any], who: str = "alice") -> dict[str, Any]:
         r = self.client.post("/v1/fine-tunes", json=body, headers=self.alice if who == "alice" else self.bob)
         assert r.status_code == 200, r.text

@@ -3,9 +3,7 @@ continuing from checkpoints, and what is stored for the worker."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import together
@@ -263,29 +261,12 @@ def test_unknown_model_file_or_parent_is_404(ft, train_file: str) -> None:
         assert r.status_code == 404 and r.json()["error"]["param"] == param, r.text
 
 
-def _opened_only(ft: Any, data: bytes, *, put: bool = False) -> str:
-    """A file alice created with POST /files whose upload she never finished: no bytes (or, with `put`, the bytes
-    but no /preprocess)."""
-    form = {
-        "purpose": "fine-tune",
-        "file_name": "opened.jsonl",
-        "file_type": "jsonl",
-        "checksum": hashlib.sha256(data).hexdigest(),
-    }
-    r = ft.client.post("/v1/files", data=form, headers=ft.alice, follow_redirects=False)
-    assert r.status_code == 302, r.text
-    if put:
-        url = urlsplit(r.headers["Location"])
-        assert ft.client.put(f"{url.path}?{url.query}", content=data).status_code == 200
-    return str(r.headers["X-Together-File-Id"])
-
-
 def test_a_file_whose_upload_never_finished_is_400_naming_it(ft, train_file: str) -> None:
     """The caller owns the file, it is just not ready: 400 naming the parameter, not "not found". The SDK's create
     asks for a price estimate first; that says "not validated" (as for a file still being checked) and lets the SDK
     go on to the create, which refuses with the reason."""
-    no_bytes = _opened_only(ft, b'{"text": "never sent"}\n')
-    no_preprocess = _opened_only(ft, b'{"text": "sent, never submitted"}\n', put=True)
+    no_bytes = ft.open_upload(b'{"text": "never sent"}\n')
+    no_preprocess = ft.open_upload(b'{"text": "sent, never submitted"}\n', put=True)
     for file_id, how in ((no_bytes, "PUT"), (no_preprocess, "preprocess")):
         for body, param in (
             (ft.sdk_body(file_id), "training_file"),

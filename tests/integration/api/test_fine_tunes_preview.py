@@ -7,7 +7,6 @@ entries; the built-in SmolLM2 stands for a model not converted yet, and its cach
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -292,22 +291,9 @@ def test_files_that_cannot_be_previewed_name_training_file(ft: Any, models: Path
         files_repo.set_processing(s, file_id=file_id, status="RUNNING")
     _refused(ft, 400, "training_file", "still being checked", model=TINY, training_file=file_id)
 
-    opened = _open_upload(ft, b'{"text": "never sent"}\n')
+    opened = ft.open_upload(b'{"text": "never sent"}\n')
     _refused(ft, 400, "training_file", "not ready", "PUT", model=TINY, training_file=opened)
 
     r = ft.client.delete(f"/v1/files/{bobs}", headers=ft.bob)
     assert r.status_code == 200, r.text
     _refused(ft, 404, "training_file", who="bob", model=TINY, training_file=bobs)
-
-
-def _open_upload(ft: Any, data: bytes) -> str:
-    """POST /files only: the file exists for alice, but its bytes never come."""
-    form = {
-        "purpose": "fine-tune",
-        "file_name": "opened.jsonl",
-        "file_type": "jsonl",
-        "checksum": hashlib.sha256(data).hexdigest(),
-    }
-    r = ft.client.post("/v1/files", data=form, headers=ft.alice, follow_redirects=False)
-    assert r.status_code == 302, r.text
-    return str(r.headers["X-Together-File-Id"])
