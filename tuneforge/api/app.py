@@ -17,6 +17,7 @@ from tuneforge.api.files.service import sweep_stale_uploads
 from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.identity import router as identity
 from tuneforge.api.models import router as models
+from tuneforge.catalog import background
 from tuneforge.catalog.registry import Catalog
 from tuneforge.jobs.executors.registry import make_executor
 from tuneforge.jobs.worker import Worker
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
         if app.state.worker is not None:
             app.state.worker.stop()
         app.state.processor.shutdown()
+        background.stop_all()  # a conversion cut short leaves nothing: it writes aside and renames when done
         db.close()
 
     app = FastAPI(

@@ -12,23 +12,17 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuneforge.catalog.source import ModelSource
+from tuneforge.catalog.source import ModelSource, safe_name
 from tuneforge.errors import InvalidRequestError, NotFoundError
 
 _DROP_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "quantization_config",
                      "_model_name_or_path", "_name_or_path")  # fmt: skip
-
-
-def safe_name(name: str) -> str:
-    """A folder name for a model name: `org/model` -> `org--model`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-.") or "model"
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 
@@ -12,3 +14,8 @@ class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
     source_kind: str
     source: str
     revision: str | None = None
+
+
+def safe_name(name: str) -> str:
+    """A folder name for a model name: `org/model` -> `org--model`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-.") or "model"

@@ -256,7 +256,9 @@ def _write(blobs: Any, key: str, data: bytes) -> None:
 
 @contextmanager
 def _running_app(home: Path) -> Iterator[FT]:
-    settings = Settings(home=home, run_worker=False, price_per_token=2e-6)
+    # No background model preparation: a preview of the built-in model would convert SmolLM2 (tests that want it
+    # turn it on).
+    settings = Settings(home=home, run_worker=False, price_per_token=2e-6, prepare_models=False)
     app = create_app(settings)
     with app.state.db.session() as s:
         _, alice = create_key(s, name="alice", owner="alice")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import TypeAdapter
 from together.types import FinetuneModelLimits, FineTuningEstimatePriceResponse, ModelObject
 
-from tuneforge.api.fine_tunes.tokens import safe_model_name
 from tuneforge.catalog.entries import ModelEntry, ModelLimits
+from tuneforge.catalog.source import safe_name
 from tuneforge.store import files as files_repo
 
 ESTIMATE = TypeAdapter(FineTuningEstimatePriceResponse)
@@ -122,7 +122,7 @@ def test_an_exact_count_with_the_models_tokenizer(ft, train_file) -> None:
 
     tok = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
-    folder = ft.settings.home / "models" / safe_model_name(ft.model)
+    folder = ft.settings.home / "models" / safe_name(ft.model)
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
     # "What is 3 plus 3?" is 6 words and marks; the answer is one.

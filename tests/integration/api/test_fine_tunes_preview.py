@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from together.types import FineTunePreviewResponse
 
-from tuneforge.api.fine_tunes.tokens import safe_model_name
+from tuneforge.catalog import background
 from tuneforge.catalog.entries import ModelEntry, ModelLimits
+from tuneforge.catalog.source import safe_name
 from tuneforge.data.chat import IGNORE
 from tuneforge.store import files as files_repo
 
@@ -212,7 +214,7 @@ def test_a_gguf_model_is_previewable_once_a_run_has_converted_it(ft: Any, tiny_f
     assert "GGUF" in r.json()["error"]["message"] and "fine-tune job" in r.json()["error"]["message"]
     assert r.headers["x-should-retry"] == "false"  # the SDK would otherwise ask twice more
 
-    folder = ft.settings.home / "models" / safe_model_name(ft.model)  # where catalog.loading converts it to
+    folder = ft.settings.home / "models" / safe_name(ft.model)  # where catalog.loading converts it to
     folder.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
         (folder / name).write_bytes((tiny_folder / name).read_bytes())
@@ -225,6 +227,29 @@ def test_a_gguf_model_is_previewable_once_a_run_has_converted_it(ft: Any, tiny_f
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     again = _ok(ft, model=ft.model, training_file=file_id, top_k=1)
     assert again["rows"][0]["num_tokens"] < got["rows"][0]["num_tokens"]
+
+
+def test_a_preview_before_any_run_prepares_the_model_in_the_background(ft: Any, tmp_path: Path) -> None:
+    """The first preview spawns `python -m tuneforge.catalog.prepare` (as a run would convert the GGUF file); its
+    answer says so, and a failed preparation is reported, with its reason, by the next preview, which tries again."""
+    file_id = ft.upload(CONVERSATIONS)
+    missing = tmp_path / "gone.gguf"
+    ft.app.state.catalog.add(ModelEntry(name="me/ggufy", source_kind="gguf", source=str(missing)))
+    ft.settings.prepare_models = True
+    try:
+        first = _refused(ft, 409, "model", "being prepared", "GGUF", model="me/ggufy", training_file=file_id)
+        assert "failed" not in first
+        deadline = time.monotonic() + 120
+        while True:  # the child fails at once (no GGUF file); the next preview says why, and starts another
+            message = _refused(ft, 409, "model", "being prepared", model="me/ggufy", training_file=file_id)
+            if "failed" in message:
+                break
+            assert time.monotonic() < deadline, message
+            time.sleep(0.5)
+        assert str(missing) in message and "not found" in message, message
+    finally:
+        background.stop_all()
+        ft.settings.prepare_models = False
 
 
 def test_hub_and_output_models_are_read_where_training_reads_them(ft: Any, tiny_folder: Path) -> None:

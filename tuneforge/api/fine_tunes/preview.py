@@ -9,8 +9,10 @@ transformers by `data.hf_tokenizer`. Those files are the model's folder in the t
 - `gguf` / `gguf-package` models: the folder the first run on them converts the GGUF file into;
 - `hub` models: the Hugging Face cache snapshot the first run on them downloads;
 - `output` models: the output's folder in the blob store.
-Until a run has converted or downloaded a model there is nothing to read: the answer is a 409 naming `model` that
-says so (converting or downloading takes torch and transformers, which the API does not load).
+Until a run has converted or downloaded a model there is nothing to read: the preview then starts preparing the
+model in a process of its own (`catalog.prepare`, which does what the first run would: converting or downloading
+takes torch and transformers, which the API does not load) and answers a 409 naming `model` that says to preview
+again in about a minute.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tuneforge.api.fine_tunes import checks, resolve
 from tuneforge.api.fine_tunes.schemas import PreviewPublic, PreviewRequest, PreviewRow
-from tuneforge.api.fine_tunes.tokens import safe_model_name
+from tuneforge.catalog import background
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
+from tuneforge.catalog.source import ModelSource, safe_name
 from tuneforge.data.chat import render_preview_row
 from tuneforge.data.templates import adopt_training_template
 from tuneforge.data.tokenize import SFT_FORMATS, detect_format, iter_jsonl, preview_records, train_inputs
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 50
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+# Source kinds whose folder a first run makes (a conversion, a download): a preview before any run prepares them.
+PREPARED_KINDS = ("gguf", "gguf-package", "hub")
 
 DatasetFormat = Literal["general", "conversation", "instruction"]
 
@@ -127,7 +133,10 @@ def model_tokenizer(settings: Settings, blobs: BlobStore, entry: ModelEntry) -> 
             if not blobs.exists(f"{prefix}/tokenizer.json"):
                 raise _not_ready(entry, f"the output {prefix} has no tokenizer.json")
             return _blob_tokenizer(blobs, prefix)
-        folder = model_folder(settings.home / "models", entry)
+        cache = settings.home / "models"
+        folder = model_folder(cache, entry)
+        if folder is None and entry.source_kind in PREPARED_KINDS and settings.prepare_models:
+            raise _preparing(entry, cache)
         if folder is None or not (folder / "tokenizer.json").is_file():
             raise _not_ready(entry, _why_missing(entry, folder))
         return _folder_tokenizer(str(folder), _stamp(folder))
@@ -142,7 +151,7 @@ def model_folder(cache: Path, entry: ModelEntry) -> Path | None:
     if kind == "local":
         return Path(entry.source)
     if kind in ("gguf", "gguf-package"):
-        folder = cache / safe_model_name(entry.name)
+        folder = cache / safe_name(entry.name)
         # The conversion renames the finished folder into place; config.json is what the loader checks for.
         return folder if (folder / "config.json").is_file() else None
     if kind == "hub":
@@ -169,6 +178,20 @@ def _why_missing(entry: ModelEntry, folder: Path | None) -> str:
             return f"its Hugging Face snapshot {folder} has no tokenizer.json (a fast tokenizer is needed)"
         return "it is downloaded from the Hugging Face hub when the first fine-tune job on it starts, and none has yet"
     return f"models of source kind {kind!r} cannot be previewed"
+
+
+def _preparing(entry: ModelEntry, cache: Path) -> ConflictError:
+    """Start preparing the model (once; a training run would do the same) and say so."""
+    source = ModelSource(name=entry.name, source_kind=entry.source_kind, source=entry.source, revision=entry.revision)
+    state = background.start(source, cache)
+    how = "downloaded from the hub" if entry.source_kind == "hub" else "converted from its GGUF file"
+    again = f" (the previous attempt failed: {state.failure}; trying again)" if state.failure else ""
+    return ConflictError(
+        f"model {entry.name!r} is being prepared for its first use: the preview tokenizes with the model's own "
+        f"tokenizer and chat template, and the model is being {how}{again}. This takes about a minute; preview "
+        "again then",
+        param="model",
+    )
 
 
 def _not_ready(entry: ModelEntry, why: str) -> ConflictError:

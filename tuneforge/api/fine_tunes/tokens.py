@@ -11,7 +11,6 @@ the same either way.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tuneforge.catalog.source import safe_name
 from tuneforge.storage import BlobStore
 
 SAMPLE_BYTES = 32 << 20
@@ -30,16 +30,11 @@ _cache: OrderedDict[tuple[str, str], int] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def safe_model_name(name: str) -> str:
-    """A model name as one folder name, as `catalog.loading.safe_name` spells it: `org/model` -> `org--model`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-.") or "model"
-
-
 def tokenizer_path(home: Path, model_name: str, hub_repo: str | None = None) -> Path | None:
     """The model's `tokenizer.json` under `<home>/models` (the training cache), when a run has left one there:
     a converted model's folder, or the Hugging Face cache snapshot of a hub model."""
     models = home / "models"
-    path = models / safe_model_name(model_name) / "tokenizer.json"
+    path = models / safe_name(model_name) / "tokenizer.json"
     if path.is_file():
         return path
     if hub_repo:
