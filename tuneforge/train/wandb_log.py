@@ -79,6 +79,11 @@ def start(spec: TrainSpec, out: EventWriter, total_steps: int) -> WandbRun | Non
     cfg = spec.wandb
     if cfg is None:
         return None
+    online = os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled")
+    if online and not os.environ.get("WANDB_API_KEY"):
+        _warn(out, "Weights & Biases logging was requested (a wandb_* field is set), but the job has no W&B key: "
+              "create it with wandb_api_key")  # fmt: skip
+        return None
     try:
         import wandb
     except ImportError:

@@ -69,6 +69,34 @@ def _fake_wandb(monkeypatch: pytest.MonkeyPatch, run: FakeRun | None = None, ini
     return calls
 
 
+@pytest.fixture(autouse=True)
+def _job_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run here belongs to a job that gave its W&B key (the worker puts it in the run's environment)."""
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def test_a_job_without_a_key_is_told_to_give_one_and_wandb_is_not_started(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY")
+    calls = _fake_wandb(monkeypatch, run=FakeRun())
+    spec = _spec(tmp_path)
+    out = EventWriter(spec.events_path)
+    assert wandb_log.start(spec, out, 10) is None
+    [event] = _events(out, spec)
+    assert event["type"] == "warning" and "no W&B key" in event["message"] and "wandb_api_key" in event["message"]
+    assert "init" not in calls
+
+
+def test_an_offline_server_needs_no_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    calls = _fake_wandb(monkeypatch, run=FakeRun())
+    spec = _spec(tmp_path)
+    out = EventWriter(spec.events_path)
+    assert wandb_log.start(spec, out, 10) is not None
+    assert calls["init"]["id"] == "ft-unit"
+
+
 def test_no_wandb_config_means_no_run_and_no_event(tmp_path):
     spec = _spec(tmp_path, wandb=None)
     out = EventWriter(spec.events_path)
