@@ -125,6 +125,7 @@ def test_an_exact_count_with_the_models_tokenizer(ft, train_file) -> None:
     folder = ft.settings.home / "models" / safe_name(ft.model)
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text("{}")  # a finished conversion (its last file)
     # "What is 3 plus 3?" is 6 words and marks; the answer is one.
     expected = sum(len(f"What is {i} plus {i} ?".split()) + 1 for i in range(len(ft.conversations)))
     got = _estimate(ft, training_file=train_file, model=ft.model, n_epochs=3)

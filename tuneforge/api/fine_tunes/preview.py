@@ -17,7 +17,6 @@ again in about a minute.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from functools import lru_cache
@@ -28,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from tuneforge.api.fine_tunes import checks, resolve
 from tuneforge.api.fine_tunes.schemas import PreviewPublic, PreviewRequest, PreviewRow
 from tuneforge.catalog import background
+from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
-from tuneforge.catalog.source import ModelSource, safe_name
+from tuneforge.catalog.source import ModelSource
 from tuneforge.data.chat import render_preview_row
 from tuneforge.data.templates import adopt_training_template
 from tuneforge.data.tokenize import SFT_FORMATS, detect_format, iter_jsonl, preview_records, train_inputs
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 # As Together's API: 5 rows unless asked, at most 50.
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 50
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 # Source kinds whose folder a first run makes (a conversion, a download): a preview before any run prepares them.
 PREPARED_KINDS = ("gguf", "gguf-package", "hub")
@@ -142,29 +141,6 @@ def model_tokenizer(settings: Settings, blobs: BlobStore, entry: ModelEntry) -> 
         return _folder_tokenizer(str(folder), _stamp(folder))
     except TokenizerFilesError as exc:
         raise ConflictError(f"model {entry.name!r}: its tokenizer cannot be loaded: {exc}", param="model") from exc
-
-
-def model_folder(cache: Path, entry: ModelEntry) -> Path | None:
-    """The folder a training run loads `entry` from (`catalog.loading.resolve_model_dir`), without converting or
-    downloading anything: None while it does not exist yet."""
-    kind = entry.source_kind
-    if kind == "local":
-        return Path(entry.source)
-    if kind in ("gguf", "gguf-package"):
-        folder = cache / safe_name(entry.name)
-        # The conversion renames the finished folder into place; config.json is what the loader checks for.
-        return folder if (folder / "config.json").is_file() else None
-    if kind == "hub":
-        repo = cache / "hub" / f"models--{entry.source.replace('/', '--')}"
-        revision = entry.revision or "main"
-        if not _COMMIT.match(revision):
-            ref = repo / "refs" / revision
-            if not ref.is_file():
-                return None
-            revision = ref.read_text().strip()
-        folder = repo / "snapshots" / revision
-        return folder if folder.is_dir() else None
-    return None
 
 
 def _why_missing(entry: ModelEntry, folder: Path | None) -> str:

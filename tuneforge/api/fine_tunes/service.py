@@ -82,8 +82,7 @@ def estimate_price(
         reason = _unavailable(row, prefix)
         if reason is not None:
             return EstimatePricePublic(estimation_available=False, unavailable_reason=reason)
-    hub_repo = entry.source if entry.source_kind == "hub" else None
-    tokenizer = tokens.tokenizer_path(settings.home, entry.name, hub_repo)
+    tokenizer = tokens.tokenizer_path(settings.home, entry)
     train_tokens = _tokens(blobs, train, tokenizer)
     eval_tokens = _tokens(blobs, val, tokenizer) if val is not None else 0
     n_epochs = body.n_epochs or 1

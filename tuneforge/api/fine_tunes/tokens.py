@@ -18,7 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tuneforge.catalog.source import safe_name
+from tuneforge.catalog.cache import model_folder
+from tuneforge.catalog.entries import ModelEntry
 from tuneforge.storage import BlobStore
 
 SAMPLE_BYTES = 32 << 20
@@ -30,21 +31,12 @@ _cache: OrderedDict[tuple[str, str], int] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def tokenizer_path(home: Path, model_name: str, hub_repo: str | None = None) -> Path | None:
-    """The model's `tokenizer.json` under `<home>/models` (the training cache), when a run has left one there:
-    a converted model's folder, or the Hugging Face cache snapshot of a hub model."""
-    models = home / "models"
-    path = models / safe_name(model_name) / "tokenizer.json"
-    if path.is_file():
-        return path
-    if hub_repo:
-        snapshots = models / "hub" / f"models--{hub_repo.replace('/', '--')}" / "snapshots"
-        found = (
-            sorted(snapshots.glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
-        )
-        if found:
-            return found[-1]
-    return None
+def tokenizer_path(home: Path, entry: ModelEntry) -> Path | None:
+    """The model's `tokenizer.json` in the training cache, when a run (or a preview's preparation) has left one there:
+    the folder training loads the model from (`catalog.cache.model_folder`)."""
+    folder = model_folder(home / "models", entry)
+    path = folder / "tokenizer.json" if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 @lru_cache(maxsize=8)
