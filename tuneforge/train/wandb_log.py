@@ -79,15 +79,15 @@ def start(spec: TrainSpec, out: EventWriter, total_steps: int) -> WandbRun | Non
     cfg = spec.wandb
     if cfg is None:
         return None
-    online = os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled")
-    if online and not os.environ.get("WANDB_API_KEY"):
-        _warn(out, "Weights & Biases logging was requested (a wandb_* field is set), but the job has no W&B key: "
-              "create it with wandb_api_key")  # fmt: skip
-        return None
     try:
         import wandb
     except ImportError:
         _warn(out, "Weights & Biases logging was requested, but wandb is not installed on this server")
+        return None
+    online = os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled")
+    if online and not os.environ.get("WANDB_API_KEY"):
+        _warn(out, "Weights & Biases logging was requested (a wandb_* field is set), but the job has no W&B key: "
+              "create it with wandb_api_key")  # fmt: skip
         return None
     try:
         overrides = {k: v for k, v in DEFAULT_SETTINGS.items() if f"WANDB_{k.upper()}" not in os.environ}
