@@ -54,7 +54,7 @@ def test_fused_loss_and_gradients_equal_the_plain_ones(monkeypatch, chunk_rows, 
 
     loss, correct = head_loss(fused_lm, h1, targets)
     ref_loss, ref_correct = _reference(plain_lm, h2, targets, scale)
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     assert int(correct) == int(ref_correct)
     (loss * 0.3).backward()  # a non-unit upstream gradient is carried through
     (ref_loss * 0.3).backward()
@@ -84,7 +84,7 @@ def test_evaluation_without_grad_gives_the_same_sums():
         loss, correct = head_loss(lm, hidden, targets)
         ref_loss, ref_correct = _reference(lm, hidden, targets, 1.0)
     assert not loss.requires_grad
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     assert int(correct) == int(ref_correct)
 
 
@@ -94,7 +94,7 @@ def test_a_soft_capped_head_takes_the_plain_path_with_the_same_result():
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     loss, correct = head_loss(lm, h1, targets)
     ref_loss, ref_correct = _reference(lm, h2, targets, 1.0, cap=5.0)
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     assert int(correct) == int(ref_correct)
     loss.backward()
     ref_loss.backward()
