@@ -36,6 +36,22 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _written_aside(target: Path) -> Iterator[Path]:
+    """A fresh folder next to `target` to fill; renamed into place (replacing `target`) when the block succeeds,
+    removed when it fails, so a reader never sees a half-written folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def gguf_package_file(source: str) -> Path:
     """`package:file.gguf` -> the file inside that installed package (without importing the package)."""
     package, _, filename = source.partition(":")
@@ -105,17 +121,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     )
     # A GGUF-built tokenizer reports an unbounded model_max_length.
     tokenizer.model_max_length = int(getattr(cfg, "max_position_embeddings", 2048))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with _written_aside(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def download_folder(blobs: Any, prefix: str, target: Path) -> None:
@@ -123,21 +131,13 @@ def download_folder(blobs: Any, prefix: str, target: Path) -> None:
     keys = blobs.list(prefix)
     if not keys:
         raise NotFoundError(f"nothing stored under {prefix!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with _written_aside(target) as tmp:
         for key in keys:
             rel = key[len(prefix.rstrip("/")) + 1 :]
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             with blobs.open(key) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def upload_folder(blobs: Any, folder: Path, prefix: str) -> None:
