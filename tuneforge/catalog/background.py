@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from tuneforge.catalog.source import ModelSource, safe_name
-from tuneforge.settings import inherited_environment
+from tuneforge.settings import child_environment
 
 _lock = threading.Lock()
 _runs: dict[tuple[str, str], subprocess.Popen[bytes]] = {}
@@ -39,9 +39,7 @@ def start(source: ModelSource, cache: Path) -> Preparation:
             return Preparation(running=True)
         failure = _failure(source, cache) if run is not None and run.returncode != 0 else None
         cache.mkdir(parents=True, exist_ok=True)
-        env = inherited_environment()
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        env = child_environment()
         with open(_log(source, cache), "wb") as log:
             _runs[key] = subprocess.Popen(
                 [sys.executable, "-m", "tuneforge.catalog.prepare", msgspec.json.encode(source).decode(), str(cache)],

@@ -1,47 +1,69 @@
-"""The worker: claims queued jobs, starts them on an executor, ingests their event streams into the store,
-and ends each job in exactly one terminal state.
+"""The worker: claims queued jobs under a lease, starts them on an executor, ingests their event streams into the
+store, and ends each job in exactly one terminal state.
 
-One run per device slot. A run that dies without its final word is resumed from its last checkpoint
-(up to `max_attempts`), or ended with an error that says what happened; after a server restart, runs
-that still live are adopted and the others are resumed or ended the same way. Never left `running`.
+One run per device slot. The worker renews the lease of every job whose run it watches; a reaper in every worker
+takes over a job whose lease expired (its worker died) or whose worker is gone from this host: a run that still
+lives is adopted, any other is resumed from its last checkpoint (up to `max_attempts`) or ended with an error
+that says what happened. So two servers on one database never run one job twice, each takes over the other's
+jobs when the other dies, and no job is left `running`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from tuneforge.jobs import queue
 from tuneforge.jobs.executors.base import Executor, Handle
 from tuneforge.jobs.specs import build_spec, work_dir
-from tuneforge.jobs.states import TERMINAL, JobStatus, can_transition
-from tuneforge.settings import Settings, inherited_environment
+from tuneforge.settings import Settings, child_environment
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import spec_key
 from tuneforge.store import Database
 from tuneforge.store import jobs as repo
-from tuneforge.store.tables import CheckpointRow, FileRow, JobRow
-from tuneforge.train.events import read_events
+from tuneforge.store.states import JobStatus
+from tuneforge.store.tables import JobRow
+from tuneforge.train.events import Checkpoint, Event, Metric, Progress, Record, Result, read_events
 
 log = logging.getLogger("tuneforge.worker")
 
 S = JobStatus
-LIVE_RUN = (S.RUNNING, S.UPLOADING, S.CANCEL_REQUESTED)
-RESULT_STATUS = {
-    "completed": S.COMPLETED,
-    "cancelled": S.CANCELLED,
-    "error": S.ERROR,
-    "user_error": S.USER_ERROR,
-}
-RESULT_EVENT = {
-    "completed": "job_complete",
-    "cancelled": "job_stopped",
-    "error": "job_error",
-    "user_error": "job_error",
-}
+RESULT_STATUS = {"completed": S.COMPLETED, "cancelled": S.CANCELLED, "error": S.ERROR, "user_error": S.USER_ERROR}
+RESULT_EVENT = {"completed": "job_complete", "cancelled": "job_stopped", "error": "job_error",
+                "user_error": "job_error"}  # fmt: skip
+# Event data a run reports that the job object shows.
+_PROGRESS_KEYS = ("token_count", "param_count", "total_steps", "trained_tokens", "masked_tokens", "eval_steps",
+                  "wandb_url", "batch_size")  # fmt: skip
+
+
+def new_worker_id() -> str:
+    """`host:pid:random`: unique per worker, and telling a worker on the same host whether its process lives."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_gone(worker_id: str) -> bool:
+    """True when `worker_id` names a worker process of this host that no longer exists (no need to wait for its
+    lease to expire). Workers of other hosts, and live pids, are judged by their lease alone."""
+    host, _, rest = worker_id.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass
@@ -51,7 +73,7 @@ class Run:
     handle: Handle
     events_path: str
     offset: int = 0
-    result: dict[str, Any] | None = None
+    result: Result | None = None
     cancel_sent_at: float | None = None
     last_seen: float = field(default_factory=time.time)
 
@@ -60,19 +82,23 @@ class Worker:
     """Drives jobs from `queued` to a terminal state. `tick()` does one round; `start()` loops in a thread."""
 
     def __init__(
-        self, db: Database, blobs: BlobStore, settings: Settings, executor: Executor, *, slots: int = 1
-    ) -> None:
+        self, db: Database, blobs: BlobStore, settings: Settings, executor: Executor, *, slots: int = 1,
+        worker_id: str | None = None,
+    ) -> None:  # fmt: skip
         self.db = db
         self.blobs = blobs
         self.settings = settings
         self.executor = executor
         self.slots = slots
+        self.worker_id = worker_id or new_worker_id()
         self.runs: dict[str, Run] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cancels: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._renewed_at = 0.0
+        self._reaped_at = 0.0
 
     # -- control ---------------------------------------------------------------------------------------
     def start(self, interval_s: float = 0.5) -> None:
@@ -105,6 +131,9 @@ class Worker:
 
     # -- one round -------------------------------------------------------------------------------------
     def tick(self) -> None:
+        now = time.time()
+        if now - self._renewed_at >= self.settings.lease_s / 4:
+            self._renew(now)
         self._send_cancels()
         for run in list(self.runs.values()):
             self._ingest(run)
@@ -114,8 +143,29 @@ class Worker:
                 continue
             self._ingest(run)
             self._finish(run, code)
+        if now - self._reaped_at >= self.settings.lease_s / 4:
+            self.reap()
         while len(self.runs) < self.slots and self._start_next():
             pass
+
+    def _renew(self, now: float) -> None:
+        """Renew our lease on every job we run; forget the runs whose job another worker took over."""
+        self._renewed_at = now
+        with self.db.session() as s:
+            held = repo.renew_leases(s, owner=self.worker_id, job_ids=list(self.runs), now=now)
+        lost = set(self.runs) - held
+        if not lost:
+            return
+        with self.db.session() as s:
+            adopted = {j.id for j in repo.leased_jobs(s) if j.id in lost and _runs_ours(j, self.runs[j.id])}
+        for job_id in lost:
+            run = self.runs.pop(job_id)
+            if job_id in adopted:
+                log.warning("job %s: another worker took over its lease and adopted its run; leaving it", job_id)
+            else:
+                # The job was requeued or ended without us: our run must not train it a second time.
+                log.warning("job %s: its lease was taken over; stopping our run of it", job_id)
+                self.executor.kill(run.handle)
 
     def _send_cancels(self) -> None:
         with self._lock:
@@ -143,46 +193,30 @@ class Worker:
 
     # -- starting --------------------------------------------------------------------------------------
     def _start_next(self) -> bool:
-        with self.db.session() as s:
-            job = repo.claim_next(s)
-            if job is None:
-                return False
-            attempt = job.attempt + 1
-            resume = _latest_checkpoint(repo.list_checkpoints(s, job_id=job.id)) if job.attempt else None
-            note = f" (attempt {attempt}, resuming from step {resume.step})" if resume else ""
-            moved = repo.transition(
-                s,
-                job_id=job.id,
-                from_statuses=(S.QUEUED,),
-                to_status=S.RUNNING,
-                event_type="job_start",
-                message=f"Job started{note}",
-                attempt=attempt,
-                started_at=job.started_at or time.time(),
-            )
-            if not moved:
-                return True  # another worker took it; look again
-            file_row = s.get(FileRow, job.training_file)
-            file_type = file_row.file_type if file_row is not None else "jsonl"
-            secrets = dict(job.secrets or {})
+        claimed = queue.claim(self.db, worker_id=self.worker_id)
+        if claimed is None:
+            return False
+        job, attempt = claimed.job, claimed.attempt
         try:
-            spec = build_spec(job, settings=self.settings, attempt=attempt, training_file_type=file_type,
-                              resume_from=resume)  # fmt: skip
+            spec = build_spec(job, claimed.plan, settings=self.settings, attempt=attempt, resume_from=claimed.resume)
             os.makedirs(spec.work_dir, exist_ok=True)
             spec_path = os.path.join(spec.work_dir, f"spec-{attempt}.json")
             with open(spec_path, "wb") as fh:
                 fh.write(spec.to_json())
             with self.blobs.writer(spec_key(job.id)) as w:
                 w.write(spec.to_json())
-            handle = self.executor.start(spec, spec_path=spec_path, env=_run_env(secrets))
+            handle = self.executor.start(spec, spec_path=spec_path, env=_run_env(claimed.secrets))
         except Exception as exc:
             log.exception("could not start job %s", job.id)
-            self._end(job.id, S.ERROR, "job_error", f"Could not start the training process: {exc}", level="error")
+            queue.finish(self.db, job_id=job.id, status=S.ERROR, event_type="job_error", level="error",
+                         message=f"Could not start the training process: {exc}", worker_id=self.worker_id)  # fmt: skip
             return True
         run = Run(job_id=job.id, attempt=attempt, handle=handle, events_path=spec.events_path)
         self.runs[job.id] = run
         with self.db.session() as s:
-            repo.update_job(s, job_id=job.id, runner=_runner_json(run), heartbeat_at=time.time())
+            repo.update_job(
+                s, job_id=job.id, held_by=self.worker_id, runner=_runner_json(run), heartbeat_at=time.time()
+            )
         return True
 
     # -- events ----------------------------------------------------------------------------------------
@@ -193,149 +227,153 @@ class Worker:
         run.last_seen = time.time()
         with self.db.session() as s:
             job = repo.get_job(s, job_id=run.job_id)
+            if job.lease_owner != self.worker_id:
+                return  # taken over: the new holder reads the stream from the stored offset
             progress = dict(job.progress or {})
             for rec in records:
                 self._apply(s, job, run, rec, progress)
             run.offset = offset
-            repo.update_job(s, job_id=run.job_id, progress=progress, runner=_runner_json(run), heartbeat_at=time.time())
+            repo.update_job(s, job_id=run.job_id, held_by=self.worker_id, progress=progress,
+                            runner=_runner_json(run), heartbeat_at=time.time())  # fmt: skip
 
-    def _apply(self, s: Any, job: JobRow, run: Run, rec: dict[str, Any], progress: dict[str, Any]) -> None:
-        kind = rec.get("kind")
-        ts = float(rec.get("ts") or time.time())
-        if kind == "event":
-            data = dict(rec.get("data") or {})
-            for key in ("token_count", "param_count", "total_steps", "trained_tokens", "masked_tokens", "eval_steps",
-                        "wandb_url"):  # fmt: skip
-                if key in data:
-                    progress[key] = data[key]
-            if rec.get("type") == "model_uploading":
-                moved = repo.transition(s, job_id=job.id, from_statuses=(S.RUNNING,), to_status=S.UPLOADING,
-                                        event_type="model_uploading", message=str(rec.get("message", "")),
-                                        event_data=data, event_created_at=ts)  # fmt: skip
-                if moved:
-                    return
-            repo.add_event(s, job_id=job.id, type_=str(rec.get("type", "warning")), message=str(rec.get("message", "")),
-                           level=str(rec.get("level", "info")), data=data, created_at=ts)  # fmt: skip
-        elif kind == "metric":
-            values = dict(rec.get("values") or {})
-            values.setdefault("train/global_step", rec.get("step", 0))
-            repo.add_metric(s, job_id=job.id, step=int(rec.get("step", 0)), values=values, logged_at=ts)
+    def _apply(self, session: Session, job: JobRow, run: Run, rec: Record, progress: dict[str, Any]) -> None:
+        if isinstance(rec, Event):
+            for key in _PROGRESS_KEYS:
+                if key in rec.data:
+                    progress[key] = rec.data[key]
+            if rec.type == "model_uploading" and queue.to_uploading(
+                session,
+                job_id=job.id,
+                worker_id=self.worker_id,
+                message=rec.message,
+                data=rec.data,
+                at=rec.ts,
+            ):
+                return
+            repo.add_event(session, job_id=job.id, type_=rec.type, message=rec.message, level=rec.level,
+                           data=dict(rec.data), created_at=rec.ts)  # fmt: skip
+        elif isinstance(rec, Metric):
+            values: dict[str, float] = {**rec.values}
+            values.setdefault("train/global_step", rec.step)
+            repo.add_metric(session, job_id=job.id, step=rec.step, values=values, logged_at=rec.ts)
             if "eval/loss" in values:
-                progress["evals_completed"] = int(progress.get("evals_completed", 0)) + 1
+                progress["evals_completed"] = int(progress.get("evals_completed", 0) or 0) + 1
             if "train/tokens_per_second" in values:
                 progress["tokens_per_second"] = values["train/tokens_per_second"]
-        elif kind == "checkpoint":
-            repo.add_checkpoint(s, job_id=job.id, step=int(rec.get("step", 0)), kind=str(rec.get("checkpoint_kind",
-                                "intermediate")), path=str(rec["key"]), created_at=ts)  # fmt: skip
-        elif kind == "progress":
-            step, total = int(rec.get("step", 0)), int(rec.get("total_steps", 0))
-            progress.update(steps_completed=step, total_steps=total)
-            if "epoch" in rec:
-                progress["epochs_completed"] = int(float(rec["epoch"]))
-            anchor = progress.get("rate_anchor")
-            if not anchor or anchor[0] != run.attempt or step < anchor[1]:
-                progress["rate_anchor"] = [run.attempt, step, ts]
-            elif step > anchor[1]:
-                per_step = (ts - anchor[2]) / (step - anchor[1])
-                progress["seconds_remaining"] = max(0, round(per_step * (total - step)))
-                progress["estimate_available"] = True
-        elif kind == "result":
+        elif isinstance(rec, Checkpoint):
+            repo.add_checkpoint(session, job_id=job.id, step=rec.step, kind=rec.checkpoint_kind, path=rec.key,
+                                created_at=rec.ts)  # fmt: skip
+        elif isinstance(rec, Progress):
+            _progress(progress, rec, run.attempt)
+        else:
             run.result = rec
 
     # -- ending ----------------------------------------------------------------------------------------
     def _finish(self, run: Run, code: int) -> None:
         self.runs.pop(run.job_id, None)
         result = run.result
-        if result is not None and result.get("status") in RESULT_STATUS:
-            status = result["status"]
+        if result is not None:
+            status = result.status
             level = "info" if status in ("completed", "cancelled") else "error"
-            self._end(run.job_id, RESULT_STATUS[status], RESULT_EVENT[status], str(result.get("message", status)),
-                      level=level)  # fmt: skip
+            queue.finish(self.db, job_id=run.job_id, status=RESULT_STATUS[status], event_type=RESULT_EVENT[status],
+                         message=result.message, level=level, worker_id=self.worker_id)  # fmt: skip
             return
         with self.db.session() as s:
             job = repo.get_job(s, job_id=run.job_id)
-            if job.status == S.CANCEL_REQUESTED:
-                moved = False
-            elif job.attempt < self.settings.max_attempts:
-                ckpt = _latest_checkpoint(repo.list_checkpoints(s, job_id=job.id))
-                where = f"from the checkpoint at step {ckpt.step}" if ckpt else "from the start (no checkpoint yet)"
-                moved = repo.transition(
-                    s, job_id=job.id, from_statuses=LIVE_RUN[:2], to_status=S.QUEUED, event_type="job_restarted",
-                    message=f"The training process stopped unexpectedly (exit code {code}); resuming {where}",
-                    level="warning", runner=None,
-                )  # fmt: skip
-            else:
-                moved = False
-        if moved:
-            self.wake()
+            ckpt = repo.latest_checkpoint(s, job_id=job.id)
+        if job.lease_owner not in (None, self.worker_id):
             return
         if job.status == S.CANCEL_REQUESTED:
-            self._end(run.job_id, S.CANCELLED, "job_stopped", "Cancelled by the user")
-        else:
-            message = (
-                f"The training process stopped unexpectedly (exit code {code}) {job.attempt} times; "
-                "see the job's events for the last progress"
-            )
-            self._end(run.job_id, S.ERROR, "job_error", message, level="error")
-
-    def _end(self, job_id: str, status: str, event_type: str, message: str, *, level: str = "info") -> None:
-        with self.db.session() as s:
-            current = repo.get_job(s, job_id=job_id).status
-            if current in TERMINAL:
+            queue.finish(self.db, job_id=job.id, status=S.CANCELLED, event_type="job_stopped",
+                         message="Cancelled by the user", worker_id=self.worker_id)  # fmt: skip
+            return
+        what = f"exit code {code}" if code >= 0 else "its worker was lost"
+        if job.attempt < self.settings.max_attempts:
+            where = f"from the checkpoint at step {ckpt.step}" if ckpt else "from the start (no checkpoint yet)"
+            message = f"The training process stopped unexpectedly ({what}); resuming {where}"
+            if queue.requeue(self.db, job_id=job.id, worker_id=self.worker_id, message=message):
+                self.wake()
                 return
-            if not can_transition(current, status):
-                # Only a cancel can stand in the way (cancel_requested may end only as cancelled or failed):
-                # a run that finished while its cancel was on the way still ends cancelled, its weights kept.
-                status, event_type = S.CANCELLED, "job_stopped"
-                message = f"Cancelled by the user ({message[:1].lower()}{message[1:]} before the cancel arrived)"
-                level = "info"
-            repo.transition(
-                s, job_id=job_id, from_statuses=(*tuple(LIVE_RUN), S.QUEUED, S.PENDING), to_status=status,
-                event_type=event_type, message=message, level=level, finished_at=time.time(), runner=None,
-                error=message if status in (S.ERROR, S.USER_ERROR) else None,
-                secrets={},  # an ended job needs no key any more: none is kept at rest
-            )  # fmt: skip
+        message = (f"The training process stopped unexpectedly ({what}) {job.attempt} times; see the job's events "
+                   "for the last progress")  # fmt: skip
+        queue.finish(self.db, job_id=job.id, status=S.ERROR, event_type="job_error", message=message, level="error",
+                     worker_id=self.worker_id)  # fmt: skip
 
-    # -- restart ---------------------------------------------------------------------------------------
+    # -- taking over -----------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Adopt the live runs of a previous server; resume or end the dead ones."""
+        """At start: take over the jobs of workers that are gone (a previous server on this host), at once."""
+        self.reap()
+
+    def reap(self) -> None:
+        """Take over every leased job whose worker stopped renewing its lease (or is gone from this host): adopt
+        its run where the run still lives, otherwise resume it from its checkpoint or end it."""
+        now = time.time()
+        self._reaped_at = now
         with self.db.session() as s:
-            orphans = repo.jobs_in(s, statuses=tuple(LIVE_RUN))
-        for job in orphans:
-            runner = job.runner or {}
-            if "handle" not in runner:
-                if job.status == S.CANCEL_REQUESTED:
-                    self._end(job.id, S.CANCELLED, "job_stopped", "Cancelled by the user")
-                else:
-                    run = Run(job_id=job.id, attempt=job.attempt, handle={}, events_path="")
-                    self._finish(run, -1)
+            candidates = [j for j in repo.leased_jobs(s) if j.lease_owner != self.worker_id]
+        for job in candidates:
+            expired = job.heartbeat_at is None or job.heartbeat_at < now - self.settings.lease_s
+            if not (job.lease_owner is None or expired or owner_is_gone(job.lease_owner)):
                 continue
-            run = Run(job_id=job.id, attempt=int(runner.get("attempt", job.attempt)), handle=runner["handle"],
-                      events_path=runner["events_path"], offset=int(runner.get("offset", 0)))  # fmt: skip
-            self.runs[job.id] = run
-            log.info("recovering job %s from a previous server", job.id)
+            with self.db.session() as s:
+                taken = repo.take_lease(s, job_id=job.id, from_owner=job.lease_owner, seen_heartbeat=job.heartbeat_at,
+                                        to_owner=self.worker_id, now=time.time())  # fmt: skip
+            if not taken:
+                continue
+            log.warning("job %s: taking it over from worker %s", job.id, job.lease_owner or "(none)")
+            self._adopt(job)
+
+    def _adopt(self, job: JobRow) -> None:
+        runner = job.runner or {}
+        handle = runner.get("handle")
+        run = Run(job_id=job.id, attempt=int(runner.get("attempt", job.attempt)), handle=handle or {},
+                  events_path=str(runner.get("events_path", "")), offset=int(runner.get("offset", 0)))  # fmt: skip
+        code = -1
+        if handle:
+            with contextlib.suppress(Exception):
+                polled = self.executor.poll(handle)
+                code = -1 if polled is None else polled
+                if polled is None:
+                    self.runs[job.id] = run
+                    log.info("job %s: its run still lives; adopted", job.id)
+                    return
+        if run.events_path:
+            self._ingest(run)  # what the run wrote before it ended (its result, if it got that far)
+        self._finish(run, code)
 
 
-def _latest_checkpoint(rows: list[CheckpointRow]) -> CheckpointRow | None:
-    resumable = [r for r in rows if r.kind == "intermediate"]
-    return max(resumable, key=lambda r: r.step) if resumable else None
+def _progress(progress: dict[str, Any], rec: Progress, attempt: int) -> None:
+    """Steps done, epochs, and the ETA from the rate since this attempt's first report."""
+    step, total = rec.step, rec.total_steps
+    progress.update(steps_completed=step, total_steps=total)
+    if rec.epoch is not None:
+        progress["epochs_completed"] = int(rec.epoch)
+    anchor = progress.get("rate_anchor")
+    if not isinstance(anchor, list) or anchor[0] != attempt or step < anchor[1]:
+        progress["rate_anchor"] = [attempt, step, rec.ts]
+    elif step > anchor[1]:
+        per_step = (rec.ts - anchor[2]) / (step - anchor[1])
+        progress["seconds_remaining"] = max(0, round(per_step * (total - step)))
+        progress["estimate_available"] = True
 
 
-def _runner_json(run: Run) -> dict[str, Any]:
+def _runs_ours(job: JobRow, run: Run) -> bool:
+    """Whether the job's recorded run is `run` (the same attempt and process): an adopted run, not a new one."""
+    runner = job.runner or {}
+    return bool(runner.get("handle") == run.handle and runner.get("attempt") == run.attempt)
+
+
+def _runner_json(run: Run) -> dict[str, object]:
     return {"handle": run.handle, "events_path": run.events_path, "offset": run.offset, "attempt": run.attempt}
 
 
-def _run_env(secrets: dict[str, Any]) -> dict[str, str]:
-    env = inherited_environment()
-    env["PYTHONUNBUFFERED"] = "1"
-    # OpenMP threads that spin while they wait collapse throughput when cores are shared (measured 10x+).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+def _run_env(secrets: dict[str, str]) -> dict[str, str]:
+    extra = {}
     if secrets.get("wandb_key"):
-        env["WANDB_API_KEY"] = str(secrets["wandb_key"])
+        extra["WANDB_API_KEY"] = str(secrets["wandb_key"])
     if secrets.get("hf_api_token"):
-        env["HF_TOKEN"] = str(secrets["hf_api_token"])
-    return env
+        extra["HF_TOKEN"] = str(secrets["hf_api_token"])
+    return child_environment(**extra)
 
 
-__all__ = ["Run", "Worker", "work_dir"]
+__all__ = ["Run", "Worker", "new_worker_id", "work_dir"]

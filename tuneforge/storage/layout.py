@@ -1,5 +1,6 @@
-"""Where each artifact of a job lives in the BlobStore: one naming scheme shared by writer and readers.
+"""Where each artifact lives in the BlobStore: one naming scheme shared by writers and readers.
 
+files/<id>                                an uploaded file's bytes
 jobs/<id>/spec.json                       the TrainSpec of the latest attempt
 jobs/<id>/checkpoints/step-000040/        an intermediate checkpoint: weights (adapter or full), config,
                                           tokenizer + chat template, manifest.json; resume/ holds the
@@ -16,6 +17,10 @@ from __future__ import annotations
 FINAL_VARIANTS = ("adapter", "merged", "model")
 RESUME_DIR = "resume"
 MANIFEST = "manifest.json"
+
+
+def file_key(file_id: str) -> str:
+    return f"files/{file_id}"
 
 
 def job_prefix(job_id: str) -> str:

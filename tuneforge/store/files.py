@@ -63,6 +63,14 @@ def get_file(session: Session, *, file_id: str, owner: str, states: tuple[str, .
     return row
 
 
+def is_visible(session: Session, *, file_id: str, owner: str) -> bool:
+    """Whether the owner's file is ready, read from the database now (not from the session's cache)."""
+    row = session.scalars(
+        select(FileRow).where(FileRow.id == file_id).execution_options(populate_existing=True)
+    ).first()
+    return row is not None and row.owner == owner and row.state == VISIBLE
+
+
 def get_file_any_owner(session: Session, *, file_id: str) -> FileRow | None:
     """For signed upload URLs, which carry no API key: the signature names the file."""
     return session.get(FileRow, file_id)

@@ -60,7 +60,8 @@ class FileRow(Base):
 
 
 class JobRow(Base):
-    """One fine-tuning job. `params` holds the normalised request; the columns hold what is queried."""
+    """One fine-tuning job. `params` holds its JobPlan (train/spec.py), stored once; the columns hold what is
+    queried. `lease_owner` and `heartbeat_at` are the lease of the worker whose process runs it."""
 
     __tablename__ = "jobs"
 
@@ -73,6 +74,9 @@ class JobRow(Base):
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     request_hash: Mapped[str] = mapped_column(String(64))
+    # owner + request hash while a retry of the same request should get this job back; unique, so two identical
+    # requests racing each other make one job. Released (NULL) when the window has passed and a new one comes.
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Secrets the run needs (the W&B key); never serialised into an answer, an event or a log.
@@ -84,11 +88,13 @@ class JobRow(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     deleted: Mapped[bool] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ux_jobs_idempotency_key", "idempotency_key", unique=True),
     )
 
 

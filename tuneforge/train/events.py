@@ -1,58 +1,120 @@
-"""The event stream (train -> jobs): one JSON object per line, appended and flushed as it happens.
+"""The event stream (train -> jobs), typed once: one JSON object per line, a msgspec tagged union on `kind`.
 
-Kinds: `event` (a Together fine-tune event: type, level, message, data), `metric` (step and named values),
-`checkpoint` (step, kind, blob key), `progress` (step, total_steps, epoch; doubles as the heartbeat) and
-`result` (the run's final word: completed | cancelled | error | user_error, with a message).
-The worker reads the file from its last offset, so a restarted server misses nothing.
+Kinds: `event` (a fine-tune event: type, level, message, data), `metric` (step and named values), `checkpoint`
+(step, kind, blob key), `progress` (step, total_steps, epoch; doubles as the heartbeat) and `result` (the run's
+final word: completed | cancelled | error | user_error, with a message). The training process writes them with
+`EventWriter`; the worker reads them back with `read_events` into the same types, from its last offset, so a
+restarted server misses nothing. The API maps each event type to the together SDK's event-type enum.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import IO, Any
+from typing import IO, Any, Literal, get_args
 
 import msgspec
 
-RESULT_STATUSES = ("completed", "cancelled", "error", "user_error")
+# Every event type a run or the worker records. The first group is the together SDK's own enum; the last two
+# name what tuneforge reports beyond it (the API shows them under the SDK's nearest type).
+EventType = Literal[
+    "job_pending", "job_start", "job_stopped", "model_downloading", "model_download_complete",
+    "training_data_downloading", "training_data_download_complete", "validation_data_downloading",
+    "validation_data_download_complete", "wandb_init", "training_start", "checkpoint_save", "billing_limit",
+    "epoch_complete", "training_complete", "model_compressing", "model_compression_complete", "model_uploading",
+    "model_upload_complete", "job_complete", "job_error", "cancel_requested", "job_restarted", "refund", "warning",
+    "early_stopped", "tokenized_dataset_upload_complete",
+    "step_report",  # "Step 40/200: loss …", every few steps
+    "eval_complete",  # an evaluation on the validation file
+]  # fmt: skip
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+Level = Literal["info", "warning", "error"]
+ResultStatus = Literal["completed", "cancelled", "error", "user_error"]
+RESULT_STATUSES: tuple[str, ...] = get_args(ResultStatus)
+
+
+class Event(msgspec.Struct, tag="event", tag_field="kind", kw_only=True, frozen=True):
+    type: EventType
+    message: str
+    level: Level = "info"
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    ts: float
+
+
+class Metric(msgspec.Struct, tag="metric", tag_field="kind", kw_only=True, frozen=True):
+    step: int
+    values: dict[str, float]
+    ts: float
+
+
+class Checkpoint(msgspec.Struct, tag="checkpoint", tag_field="kind", kw_only=True, frozen=True):
+    step: int
+    key: str  # blob prefix of the saved folder
+    checkpoint_kind: Literal["intermediate", "final"] = "intermediate"
+    adapter: bool = True
+    ts: float
+
+
+class Progress(msgspec.Struct, tag="progress", tag_field="kind", kw_only=True, frozen=True):
+    step: int
+    total_steps: int
+    epoch: float | None = None
+    ts: float
+
+
+class Result(msgspec.Struct, tag="result", tag_field="kind", kw_only=True, frozen=True):
+    status: ResultStatus
+    message: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    ts: float
+
+
+Record = Event | Metric | Checkpoint | Progress | Result
+_DECODER = msgspec.json.Decoder(Record)
+_ENCODER = msgspec.json.Encoder()
 
 
 class EventWriter:
-    """Appends event lines to a file; every line is flushed so the worker sees it at once."""
+    """Appends records to a file; every line is flushed so the worker sees it at once."""
 
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._fh: IO[bytes] = open(path, "ab")  # noqa: SIM115 - kept open for the run
-        self._enc = msgspec.json.Encoder()
 
-    def _write(self, record: dict[str, Any]) -> None:
-        record.setdefault("ts", time.time())
-        self._fh.write(self._enc.encode(record) + b"\n")
+    def write(self, record: Record) -> None:
+        self._fh.write(_ENCODER.encode(record) + b"\n")
         self._fh.flush()
 
-    def event(self, type_: str, message: str, *, level: str = "info", **data: Any) -> None:
-        self._write({"kind": "event", "type": type_, "level": level, "message": message, "data": data})
+    def event(self, type_: EventType, message: str, *, level: Level = "info", **data: Any) -> None:
+        if type_ not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {type_!r}")
+        self.write(Event(type=type_, message=message, level=level, data=data, ts=time.time()))
 
     def metric(self, step: int, **values: float) -> None:
-        self._write({"kind": "metric", "step": step, "values": values})
+        self.write(Metric(step=step, values={k: float(v) for k, v in values.items()}, ts=time.time()))
 
-    def checkpoint(self, step: int, key: str, *, kind: str = "intermediate", adapter: bool = True) -> None:
-        self._write({"kind": "checkpoint", "step": step, "key": key, "checkpoint_kind": kind, "adapter": adapter})
+    def checkpoint(
+        self, step: int, key: str, *, kind: Literal["intermediate", "final"] = "intermediate", adapter: bool = True
+    ) -> None:
+        self.write(Checkpoint(step=step, key=key, checkpoint_kind=kind, adapter=adapter, ts=time.time()))
 
-    def progress(self, step: int, total_steps: int, **extra: Any) -> None:
-        self._write({"kind": "progress", "step": step, "total_steps": total_steps, **extra})
+    def progress(self, step: int, total_steps: int, *, epoch: float | None = None) -> None:
+        self.write(Progress(step=step, total_steps=total_steps, epoch=epoch, ts=time.time()))
 
-    def result(self, status: str, message: str, **data: Any) -> None:
+    def result(self, status: ResultStatus, message: str, **data: Any) -> None:
         if status not in RESULT_STATUSES:
             raise ValueError(f"unknown result status {status!r}")
-        self._write({"kind": "result", "status": status, "message": message, "data": data})
+        self.write(Result(status=status, message=message, data=data, ts=time.time()))
 
     def close(self) -> None:
         self._fh.close()
 
 
-def read_events(path: str, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete lines written after `offset`; returns them and the new offset (a torn last line waits)."""
+def read_events(path: str, offset: int) -> tuple[list[Record], int]:
+    """Complete records written after `offset`; returns them and the new offset (a torn last line waits).
+
+    A line that does not decode as a record becomes a warning event, so one bad line never stops the stream.
+    """
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)
@@ -62,19 +124,13 @@ def read_events(path: str, offset: int) -> tuple[list[dict[str, Any]], int]:
     end = data.rfind(b"\n")
     if end < 0:
         return [], offset
-    records = []
+    records: list[Record] = []
     for line in data[: end + 1].splitlines():
-        if line.strip():
-            try:
-                records.append(msgspec.json.decode(line))
-            except msgspec.DecodeError:
-                records.append(
-                    {
-                        "kind": "event",
-                        "type": "warning",
-                        "level": "warning",
-                        "message": "an unreadable event line was skipped",
-                        "data": {},
-                    }
-                )
+        if not line.strip():
+            continue
+        try:
+            records.append(_DECODER.decode(line))
+        except msgspec.DecodeError as exc:
+            records.append(Event(type="warning", level="warning", ts=time.time(),
+                                 message=f"an unreadable event line was skipped ({exc})"))  # fmt: skip
     return records, offset + end + 1

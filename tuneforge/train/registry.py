@@ -10,7 +10,7 @@ import importlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tuneforge.errors import InvalidRequestError
 from tuneforge.train.events import EventWriter
@@ -21,7 +21,7 @@ from tuneforge.train.spec import TrainSpec
 class Outcome:
     """How a recipe ended when it did not raise: `completed` or `cancelled`, a message for people, extra data."""
 
-    status: str
+    status: Literal["completed", "cancelled"]
     message: str
     data: dict[str, Any] = field(default_factory=dict)
 

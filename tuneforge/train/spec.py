@@ -1,8 +1,10 @@
-"""TrainSpec: the frozen, versioned contract between the job queue and a training process.
+"""JobPlan and TrainSpec: what a job will do, and the frozen, versioned contract with a training process.
 
-Everything a recipe needs, resolved: model source, data locations, hyperparameters, output location,
-seed. `python -m tuneforge.train spec.json` runs it standalone, without the server or the database.
-Secrets (the W&B key) are never in the spec; the executor hands them over in the environment.
+`JobPlan` is the one typed record of a job, built from the request by `jobs/plan.build_plan` (which holds every
+default and every check) and stored once with the job; the public job object is rendered from it. `TrainSpec` is
+the plan plus paths: `python -m tuneforge.train spec.json` runs it standalone, without the server or the
+database. Secrets (the W&B key, the hub token) are never in either; the executor hands them over in the
+environment.
 """
 
 from __future__ import annotations
@@ -14,9 +16,20 @@ import msgspec
 
 from tuneforge.catalog.source import ModelSource
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+PLAN_VERSION = 1
 
-__all__ = ["Hyper", "InitWeights", "ModelSource", "Resume", "TrainSpec", "WandbConfig", "load_spec"]
+__all__ = [
+    "Hyper",
+    "InitWeights",
+    "JobPlan",
+    "ModelSource",
+    "Resume",
+    "TrainSpec",
+    "WandbConfig",
+    "load_spec",
+    "standalone_plan",
+]
 
 
 class InitWeights(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,9 +48,12 @@ class Resume(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Hyper(msgspec.Struct, frozen=True, kw_only=True):
+    """The resolved hyperparameters of a run. Defaults that depend on the model (sequence length, LoRA rank,
+    accumulation) come from its limits in `jobs/plan.py`; the constant ones are these."""
+
     training_type: Literal["lora", "full"] = "lora"
     lora_r: int = 8
-    lora_alpha: int = 16
+    lora_alpha: int | None = None  # None: 2 x lora_r (see `alpha`)
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     n_epochs: int = 1
@@ -67,6 +83,11 @@ class Hyper(msgspec.Struct, frozen=True, kw_only=True):
     rpo_alpha: float = 0.0
     simpo_gamma: float = 0.0
 
+    @property
+    def alpha(self) -> int:
+        """The LoRA scaling numerator: as given, else twice the rank (the one place this default lives)."""
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
 
 class WandbConfig(msgspec.Struct, frozen=True, kw_only=True):
     project: str | None = None
@@ -75,29 +96,103 @@ class WandbConfig(msgspec.Struct, frozen=True, kw_only=True):
     base_url: str | None = None
 
 
+class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a job will do, resolved and checked: stored once with the job, rendered as the job object."""
+
+    version: int = PLAN_VERSION
+    method: Literal["sft", "dpo"] = "sft"
+    model: str  # the catalog name whose limits apply
+    model_source: ModelSource  # where the base weights come from
+    training_file: str
+    training_file_type: Literal["jsonl", "parquet"] = "jsonl"
+    training_file_lines: int | None = None
+    training_file_bytes: int = 0
+    validation_file: str | None = None
+    init: InitWeights | None = None  # from_checkpoint: the weights to start from
+    hyper: Hyper
+    max_batch_size: int  # the model's largest batch for this training type and method
+    suffix: str | None = None
+    from_checkpoint: str | None = None
+    from_hf_model: str | None = None
+    hf_model_revision: str | None = None
+    hf_output_repo_name: str | None = None
+    train_vision: bool | None = None  # None: the model is not a vision model
+    wandb: WandbConfig | None = None
+
+    def to_builtins(self) -> dict[str, Any]:
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        return data
+
+    @classmethod
+    def from_builtins(cls, data: dict[str, Any]) -> JobPlan:
+        """Decode a stored plan, refusing versions this code does not know."""
+        version = int(data.get("version", PLAN_VERSION))
+        if version > PLAN_VERSION:
+            raise ValueError(f"JobPlan version {version} is newer than this tuneforge ({PLAN_VERSION})")
+        return msgspec.convert(data, cls)
+
+
+def standalone_plan(
+    model: ModelSource,
+    hyper: Hyper,
+    *,
+    method: Literal["sft", "dpo"] = "sft",
+    init: InitWeights | None = None,
+    wandb: WandbConfig | None = None,
+    training_file_type: Literal["jsonl", "parquet"] = "jsonl",
+) -> JobPlan:
+    """A plan for a run without the server (benchmarks, tests, a spec written by hand): no job, files or limits
+    behind it, so its bookkeeping fields are placeholders."""
+    return JobPlan(
+        method=method, model=model.name, model_source=model, training_file="standalone",
+        training_file_type=training_file_type, init=init, hyper=hyper,
+        max_batch_size=hyper.batch_size if isinstance(hyper.batch_size, int) else 1, wandb=wandb,
+    )  # fmt: skip
+
+
 class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """One training run. Paths under `work_dir` are local; `*_key` names are BlobStore keys."""
+    """One training run: the job's plan plus paths. Paths under `work_dir` are local; `*_key` names are
+    BlobStore keys."""
 
     version: int = SPEC_VERSION
     job_id: str
     attempt: int = 0
-    recipe: str = "sft"
-    model: ModelSource
+    plan: JobPlan
     storage_url: str
     cache_dir: str  # where converted / downloaded base models are kept
     work_dir: str  # local scratch: checkpoints before upload, tokenized data
     events_path: str  # JSON lines written by the recipe (see train/events.py)
     training_file_key: str
-    training_file_type: str = "jsonl"
     validation_file_key: str | None = None
     output_prefix: str  # blob prefix for checkpoints and the final output
     output_name: str
-    hyper: Hyper = msgspec.field(default_factory=Hyper)
-    init: InitWeights | None = None
     resume: Resume | None = None
-    wandb: WandbConfig | None = None
     device: str = "cpu"
     num_threads: int | None = None
+
+    @property
+    def hyper(self) -> Hyper:
+        return self.plan.hyper
+
+    @property
+    def recipe(self) -> str:
+        return self.plan.method
+
+    @property
+    def model(self) -> ModelSource:
+        return self.plan.model_source
+
+    @property
+    def init(self) -> InitWeights | None:
+        return self.plan.init
+
+    @property
+    def wandb(self) -> WandbConfig | None:
+        return self.plan.wandb
+
+    @property
+    def training_file_type(self) -> str:
+        return self.plan.training_file_type
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -113,6 +208,6 @@ class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
 def load_spec(raw: bytes) -> TrainSpec:
     """Decode a spec, refusing versions this code does not know."""
     version = msgspec.json.decode(raw, type=dict[str, Any]).get("version", SPEC_VERSION)
-    if version > SPEC_VERSION:
-        raise ValueError(f"TrainSpec version {version} is newer than this tuneforge ({SPEC_VERSION})")
+    if version != SPEC_VERSION:
+        raise ValueError(f"TrainSpec version {version} is not the one this tuneforge runs ({SPEC_VERSION})")
     return msgspec.json.decode(raw, type=TrainSpec)

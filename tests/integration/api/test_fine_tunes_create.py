@@ -1,8 +1,9 @@
-"""`POST /fine-tunes` (contract 3.4): the SDK's exact bodies, every bad parameter named, idempotent retries,
+"""`POST /fine-tunes`: the SDK's exact bodies, every bad parameter named, idempotent retries,
 continuing from checkpoints, and what is stored for the worker."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,10 +12,12 @@ from together.lib.types.fine_tuning import FinetuneResponse as HandWrittenRespon
 from together.types import FinetuneResponse
 
 from tuneforge.catalog.entries import SMOLLM2, ModelEntry, ModelLimits
+from tuneforge.jobs.stored_plan import plan_of
 from tuneforge.storage.layout import checkpoint_prefix, final_prefix
 from tuneforge.store import files as files_repo
 from tuneforge.store import jobs as repo
 from tuneforge.store.tables import JobRow
+from tuneforge.train.spec import PLAN_VERSION
 
 MODEL = SMOLLM2.name
 LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_trainable_modules": "all-linear", "type": "Lora"}
@@ -72,13 +75,14 @@ def test_the_sdk_default_body_queues_a_lora_job(ft, train_file: str, recording_w
     assert lib.output_name == job["model_output_name"] and lib.training_file_num_lines == len(ft.conversations)
     assert FinetuneResponse.model_validate(job).x_model_output_name == job["model_output_name"]
 
-    row = _row(ft, job["id"])
-    hyper, params = row.params["hyper"], row.params
-    assert hyper["training_type"] == "lora" and hyper["lora_r"] == 8 and hyper["lora_alpha"] == 16
-    assert hyper["batch_size"] == "max" and hyper["max_seq_length"] == 8192 and hyper["seed"] == 42
-    assert hyper["lora_target_modules"] == "all-linear" and hyper["train_on_inputs"] == "auto"
-    assert params["method"] == "sft" and params["dataset_format"] == "conversation" and params["init"] is None
-    assert params["model_source"]["source_kind"] == "gguf-package"
+    plan = plan_of(_row(ft, job["id"]))
+    hyper = plan.hyper
+    assert plan.version == PLAN_VERSION and plan.training_file == train_file
+    assert hyper.training_type == "lora" and hyper.lora_r == 8 and hyper.alpha == 16
+    assert hyper.batch_size == "max" and hyper.max_seq_length == 8192 and hyper.seed == 42
+    assert hyper.lora_target_modules == "all-linear" and hyper.train_on_inputs == "auto"
+    assert plan.method == "sft" and plan.training_file_type == "jsonl" and plan.init is None
+    assert plan.model_source.source_kind == "gguf-package"
     with ft.app.state.db.session() as s:
         events = repo.list_events(s, job_id=job["id"])
     assert [(e.type, e.message) for e in events] == [
@@ -98,15 +102,46 @@ def test_lora_full_and_dpo_bodies(ft, train_file: str) -> None:
     )
     assert lora["training_type"]["lora_r"] == 16 and lora["batch_size"] == 8 and lora["learning_rate"] == 0.001
     assert _row(ft, lora["id"]).params["hyper"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert plan_of(_row(ft, lora["id"])).hyper.lora_target_modules == ["q_proj", "v_proj"]
+    full = ft.create(ft.sdk_body(train_file, training_type={"type": "Full"}))
+    assert full["training_type"] == {"type": "Full"} and plan_of(_row(ft, full["id"])).hyper.training_type == "full"
+    FinetuneResponse.model_validate(full)
+    HandWrittenResponse.model_validate(full)
+
+
+def test_a_method_that_no_recipe_implements_is_refused_at_create(ft) -> None:
+    """DPO is in the contract and in the model's limits, but no recipe trains it yet: refused before any job."""
     prefs = ft.upload(ft.preferences, name="prefs.jsonl")
-    dpo = ft.create(ft.sdk_body(prefs, training_type={"type": "Full"}, training_method=DPO))
-    assert dpo["training_type"] == {"type": "Full"} and dpo["training_method"]["method"] == "dpo"
-    assert dpo["batch_size"] == 16  # "max" shows as the model's largest full DPO batch
-    hyper = _row(ft, dpo["id"]).params["hyper"]
-    assert hyper["training_type"] == "full" and hyper["simpo_gamma"] == 0.2 and hyper["dpo_reference_free"] is True
-    assert _row(ft, dpo["id"]).params["method"] == "dpo"
-    FinetuneResponse.model_validate(dpo)
-    HandWrittenResponse.model_validate(dpo)
+    r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(prefs, training_method=DPO), headers=ft.alice)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "training_method.method" and "dpo" in error["message"] and "sft" in error["message"]
+    with ft.app.state.db.session() as s:
+        assert repo.list_jobs(s, owner="alice") == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        ('"max_grad_norm": Infinity', "max_grad_norm"),
+        ('"max_grad_norm": -Infinity', "max_grad_norm"),
+        ('"learning_rate": NaN', "learning_rate"),
+        ('"weight_decay": 1e999', "weight_decay"),
+        ('"suffix": "a\\u0000b"', "suffix"),
+        ('"wandb_project_name": "p\\u0000"', "wandb_project_name"),
+        ('"suffix": "\\udc80"', "suffix"),
+    ],
+)
+def test_non_finite_numbers_and_nul_characters_are_refused_by_name(ft_shared, raw: str, param: str) -> None:
+    """Python's json (and so many clients) writes Infinity and NaN; a NUL or a lone surrogate can't be stored."""
+    body = ft_shared.sdk_body(ft_shared.upload(ft_shared.conversations))
+    body.pop(param, None)
+    text = json.dumps(body)[:-1] + ", " + raw + "}"
+    r = ft_shared.client.post("/v1/fine-tunes", content=text.encode(), headers=ft_shared.alice
+                              | {"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"], error
 
 
 def test_secrets_are_kept_but_never_shown(ft, train_file: str) -> None:
@@ -180,9 +215,9 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("random_seed", {"random_seed": -1}),
     ("gradient_accumulation_steps", {"gradient_accumulation_steps": -2}),
     ("training_file", {"training_file": ""}),
-    ("training_file", {"training_method": DPO}),
     ("training_type", {"model": "test/plain", "training_type": {"type": "Full"}}),
     ("training_method.method", {"model": "test/plain", "training_method": DPO}),
+    ("training_method.method", {"training_method": DPO}),
 ]
 
 

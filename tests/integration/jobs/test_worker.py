@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
+import msgspec
 import pytest
 
 from tuneforge.jobs.executors.fake import FakeExecutor
@@ -13,19 +15,24 @@ from tuneforge.storage import open_blob_store
 from tuneforge.store import jobs as repo
 from tuneforge.store import open_database
 from tuneforge.store.tables import JobRow
+from tuneforge.train.spec import Hyper, ModelSource, standalone_plan
 
 
 def _insert(db, job_id: str, created: float | None = None) -> None:
+    """A queued job, the way `jobs.queue.enqueue` leaves one: inserted pending, then moved to queued."""
     now = created or time.time()
+    plan = standalone_plan(ModelSource(name="m", source_kind="local", source="/m"), Hyper(n_epochs=2))
+    plan = msgspec.structs.replace(plan, training_file="file-x")
     row = JobRow(
-        id=job_id, owner="alice", status="queued", model="m", output_name=f"alice/m-{job_id}",
+        id=job_id, owner="alice", status="pending", model="m", output_name=f"alice/m-{job_id}",
         training_file="file-x", validation_file=None, request_hash=job_id, error=None, progress={},
-        params={"model_source": {"name": "m", "source_kind": "local", "source": "/m"}, "hyper": {"n_epochs": 2},
-                "request": {}, "method": "sft"},
-        secrets={"wandb_key": "wandb-secret-123"}, runner=None, attempt=0, created_at=now, updated_at=now, deleted=0,
+        params=plan.to_builtins(), secrets={"wandb_key": "wandb-secret-123"}, runner=None, attempt=0,
+        created_at=now, updated_at=now, deleted=0,
     )  # fmt: skip
     with db.session() as s:
         repo.insert_job(s, row=row, event_type="job_pending", message="created")
+        assert repo.transition(s, job_id=job_id, from_statuses=("pending",), to_status="queued",
+                               event_type="job_pending", message="queued")  # fmt: skip
 
 
 def _drive(worker: Worker, job_id: str, timeout: float = 10) -> JobRow:
@@ -59,7 +66,7 @@ def test_a_job_runs_to_completion_with_its_events_metrics_and_checkpoints(env):
     assert job.secrets == {}  # kept only while a run may still need them
     with db.session() as s:
         types = [e.type for e in repo.list_events(s, job_id="ft-1")]
-        assert types == ["job_pending", "job_start", "training_start", "model_uploading", "job_complete"]
+        assert types == ["job_pending", "job_pending", "job_start", "training_start", "model_uploading", "job_complete"]
         assert [m.step for m in repo.list_metrics(s, job_id="ft-1")] == [1, 2, 3, 4, 5, 6]
         checkpoints = [(c.step, c.kind) for c in repo.list_checkpoints(s, job_id="ft-1")]
         assert checkpoints == [(3, "intermediate"), (6, "final")]
@@ -140,13 +147,41 @@ def test_one_slot_runs_jobs_in_order(env):
 
 def test_after_a_restart_orphaned_runs_are_resumed(env):
     settings, db, blobs = env
-    first = Worker(db, blobs, settings, DyingExecutor())
+    first = Worker(db, blobs, settings, DyingExecutor(), worker_id=f"{socket.gethostname()}:999999999:dead")
     _insert(db, "ft-r")
-    first.tick()  # started; the "server" now goes away without seeing the run end
+    first.tick()  # started; the "server" now goes away (its pid does not exist) without seeing the run end
+    with db.session() as s:
+        assert repo.get_job(s, job_id="ft-r").lease_owner == first.worker_id
     second = Worker(db, blobs, settings, FakeExecutor(steps=4))
     second.recover()
     job = _drive(second, "ft-r")
-    assert job.status == "completed"
+    assert job.status == "completed" and job.lease_owner is None
+
+
+def test_a_live_workers_job_is_left_alone_until_its_lease_expires(env):
+    settings, db, blobs = env
+    settings = settings.model_copy(update={"lease_s": 0.5})
+    first = Worker(db, blobs, settings, FakeExecutor(steps=10_000, step_s=0.01))
+    _insert(db, "ft-l")
+    first.tick()
+    second = Worker(db, blobs, settings, FakeExecutor(steps=2))
+    second.reap()
+    with db.session() as s:
+        assert repo.get_job(s, job_id="ft-l").lease_owner == first.worker_id  # renewed: not taken
+    time.sleep(0.7)  # the first worker stops renewing (a paused process): its lease expires
+    second.reap()  # its run can't be adopted from here (another executor): requeued from its checkpoint
+    with db.session() as s:
+        job = repo.get_job(s, job_id="ft-l")
+        assert job.status == "queued" and job.lease_owner is None
+        assert repo.list_events(s, job_id="ft-l")[-1].type == "job_restarted"
+    second.tick()  # and claimed again, by the second worker
+    first.tick()  # the first worker sees it lost the job and stops its run, which must not train it twice
+    assert "ft-l" not in first.runs and first.executor.started and not second.runs["ft-l"].cancel_sent_at
+    first.executor.wait_idle()  # its run was stopped: it would run 10,000 steps otherwise
+    with db.session() as s:
+        assert not repo.update_job(s, job_id="ft-l", held_by=first.worker_id, progress={"x": 1})
+    assert _drive(second, "ft-l").status == "completed"
+    assert [spec.job_id for spec in second.executor.started] == ["ft-l"]
 
 
 def test_a_run_that_finishes_while_its_cancel_is_on_the_way_ends_cancelled(env):

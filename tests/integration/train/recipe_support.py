@@ -15,7 +15,7 @@ import torch
 
 from tuneforge.storage import open_blob_store
 from tuneforge.train import __main__ as entry
-from tuneforge.train.spec import Hyper, ModelSource, TrainSpec
+from tuneforge.train.spec import Hyper, ModelSource, TrainSpec, standalone_plan
 
 QA = [
     ("What is the capital of France?", "Paris."),
@@ -77,7 +77,10 @@ def make_job(
     attempt: int = 0,
     **changes: Any,
 ) -> Job:
-    """A spec for `job_id` on a blob store shared by every job under `root`; the data is written into it."""
+    """A spec for `job_id` on a blob store shared by every job under `root`; the data is written into it.
+
+    `changes` go to the TrainSpec, except the plan's own fields (`method`, `init`, `wandb`), which go to the plan."""
+    plan_changes = {k: changes.pop(k) for k in ("method", "init", "wandb") if k in changes}
     blobs = open_blob_store(str(root / "blobs"))
     train_key = f"files/{job_id}-train"
     with blobs.writer(train_key) as w:
@@ -91,7 +94,11 @@ def make_job(
     spec = TrainSpec(
         job_id=job_id,
         attempt=attempt,
-        model=ModelSource(name="tiny-llama", source_kind="local", source=str(model_dir)),
+        plan=standalone_plan(
+            ModelSource(name="tiny-llama", source_kind="local", source=str(model_dir)),
+            Hyper(**({"learning_rate": 1e-2, "batch_size": 4} | (hyper or {}))),
+            **plan_changes,
+        ),
         storage_url=str(root / "blobs"),
         cache_dir=str(root / "cache"),
         work_dir=str(work),
@@ -100,7 +107,6 @@ def make_job(
         validation_file_key=val_key,
         output_prefix=f"jobs/{job_id}",
         output_name=f"me/tiny-{job_id}",
-        hyper=Hyper(**({"learning_rate": 1e-2, "batch_size": 4} | (hyper or {}))),
         num_threads=1,  # tiny matrices: one thread is fastest and least disturbed by a busy machine
         **changes,
     )

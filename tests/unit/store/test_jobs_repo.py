@@ -10,7 +10,13 @@ from tuneforge.store import open_database
 from tuneforge.store.tables import JobRow
 
 
-def _job(job_id: str, owner: str = "alice", status: str = "queued", created: float | None = None) -> JobRow:
+def _enqueue(s, row: JobRow) -> None:
+    repo.insert_job(s, row=row, event_type="job_pending", message="x")
+    assert repo.transition(s, job_id=row.id, from_statuses=("pending",), to_status="queued", event_type="job_pending",
+                           message="queued")  # fmt: skip
+
+
+def _job(job_id: str, owner: str = "alice", status: str = "pending", created: float | None = None) -> JobRow:
     now = created or time.time()
     return JobRow(
         id=job_id, owner=owner, status=status, model="m", output_name=f"{owner}/m-{job_id}", training_file="file-1",
@@ -42,16 +48,16 @@ def test_claim_takes_the_oldest_and_queue_depth_counts_ahead(db):
     t = time.time()
     with db.session() as s:
         for i, job_id in enumerate(["ft-b", "ft-a", "ft-c"]):
-            repo.insert_job(s, row=_job(job_id, created=t + i), event_type="job_pending", message="x")
+            _enqueue(s, _job(job_id, created=t + i))
     with db.session() as s:
-        assert repo.claim_next(s).id == "ft-b"
+        assert repo.next_queued(s).id == "ft-b"
         assert repo.queue_depth(s, created_at=t + 2) == 2
         assert repo.queue_depth(s, created_at=t) == 0
 
 
 def test_other_owners_and_deleted_jobs_are_not_found(db):
     with db.session() as s:
-        repo.insert_job(s, row=_job("ft-1"), event_type="job_pending", message="x")
+        _enqueue(s, _job("ft-1"))
     with db.session() as s:
         assert repo.get_job(s, job_id="ft-1", owner="alice").id == "ft-1"
         with pytest.raises(NotFoundError):

@@ -22,7 +22,7 @@ from tuneforge.train.schedule import (
     report_steps,
     warmup_steps_for,
 )
-from tuneforge.train.spec import Hyper, ModelSource, TrainSpec
+from tuneforge.train.spec import Hyper, ModelSource, TrainSpec, standalone_plan
 
 
 def test_warmup_then_linear_decay_to_the_floor():
@@ -118,10 +118,11 @@ def test_the_recipe_table_is_torch_free_and_refuses_unknown_or_reserved_names():
 # ---- the entry point: one result line per run, whatever happens --------------------------------------------------
 
 
-def _spec_file(tmp_path, **changes):
+def _spec_file(tmp_path, method="sft", **changes):
+    plan = standalone_plan(ModelSource(name="m", source_kind="local", source=str(tmp_path)), Hyper(), method=method)
     base = dict(
-        job_id="ft-main", model=ModelSource(name="m", source_kind="local", source=str(tmp_path)),
-        storage_url=str(tmp_path / "blobs"), cache_dir=str(tmp_path / "c"), work_dir=str(tmp_path / "w"),
+        job_id="ft-main", plan=plan, storage_url=str(tmp_path / "blobs"), cache_dir=str(tmp_path / "c"),
+        work_dir=str(tmp_path / "w"),
         events_path=str(tmp_path / "w" / "events.jsonl"), training_file_key="files/f", output_prefix="jobs/ft-main",
         output_name="me/m",
     )  # fmt: skip
@@ -158,7 +159,7 @@ def test_every_failure_ends_with_one_readable_result(tmp_path, monkeypatch, rais
 
 
 def test_a_reserved_recipe_is_a_user_error_and_a_completed_run_exits_zero(tmp_path, monkeypatch):
-    path, spec = _spec_file(tmp_path, recipe="dpo")
+    path, spec = _spec_file(tmp_path, method="dpo")
     assert entry.main([str(path)]) == 1
     assert _results(spec)[0]["status"] == "user_error"
 

@@ -11,26 +11,28 @@ import types
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from tuneforge.train import wandb_log
-from tuneforge.train.events import EventWriter, read_events
-from tuneforge.train.spec import Hyper, ModelSource, TrainSpec, WandbConfig
+from tuneforge.train.events import Event, EventWriter, read_events
+from tuneforge.train.spec import Hyper, ModelSource, TrainSpec, WandbConfig, standalone_plan
 
 KEY = "tfsecret-unit-0123456789abcdef0123456789abcdef"
 
 
 def _spec(tmp_path: Path, wandb: WandbConfig | None = WandbConfig(project="p")) -> TrainSpec:
-    return TrainSpec(job_id="ft-unit", model=ModelSource(name="m", source_kind="local", source="/m"),
-                     storage_url=str(tmp_path / "blobs"), cache_dir=str(tmp_path / "cache"),
-                     work_dir=str(tmp_path / "work"), events_path=str(tmp_path / "events.jsonl"),
-                     training_file_key="files/t", output_prefix="jobs/ft-unit", output_name="me/out",
-                     hyper=Hyper(learning_rate=3e-4), wandb=wandb)  # fmt: skip
+    plan = standalone_plan(ModelSource(name="m", source_kind="local", source="/m"), Hyper(learning_rate=3e-4),
+                           wandb=wandb)  # fmt: skip
+    return TrainSpec(job_id="ft-unit", plan=plan, storage_url=str(tmp_path / "blobs"),
+                     cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"),
+                     events_path=str(tmp_path / "events.jsonl"),
+                     training_file_key="files/t", output_prefix="jobs/ft-unit", output_name="me/out")  # fmt: skip
 
 
 def _events(out: EventWriter, spec: TrainSpec) -> list[dict[str, Any]]:
     out.close()
-    return [r for r in read_events(spec.events_path, 0)[0] if r["kind"] == "event"]
+    return [msgspec.to_builtins(r) for r in read_events(spec.events_path, 0)[0] if isinstance(r, Event)]
 
 
 class FakeRun:

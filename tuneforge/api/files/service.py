@@ -25,8 +25,10 @@ from tuneforge.errors import (
 from tuneforge.ids import new_file_id, new_upload_id
 from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore, BlobWriter
+from tuneforge.storage.layout import file_key
 from tuneforge.store import Database
 from tuneforge.store import files as repo
+from tuneforge.store import jobs as jobs_repo
 from tuneforge.store.tables import FileRow
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -35,7 +37,7 @@ FLUSH_BYTES = 4 << 20
 
 
 def blob_key(file_id: str) -> str:
-    return f"files/{file_id}"
+    return file_key(file_id)
 
 
 def part_key(file_id: str, part: int) -> str:
@@ -305,9 +307,20 @@ def retrieve_file(db: Database, *, owner: str, file_id: str) -> FileRow:
 
 
 def delete_file(db: Database, blobs: BlobStore, *, owner: str, file_id: str) -> None:
+    """Delete a file no live job reads (409 naming the jobs otherwise).
+
+    The file is marked deleted first and the jobs checked after, in one transaction: the write lock it then holds
+    means a create that would use the file either committed before (and is seen) or sees the file gone."""
     with db.session() as s:
         repo.get_file(s, file_id=file_id, owner=owner)
         repo.set_state(s, file_id=file_id, from_states=("ready",), to_state="deleted")
+        users = [j.id for j in jobs_repo.live_jobs_using_file(s, file_id=file_id)]
+        if users:
+            raise ConflictError(
+                f"file {file_id} is used by fine-tune job{'s' if len(users) > 1 else ''} {', '.join(users)}, which "
+                "may still read it; delete it once they have ended (or cancel them first)",
+                param="id",
+            )
     blobs.delete(blob_key(file_id))
 
 

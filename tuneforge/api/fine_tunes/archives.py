@@ -13,10 +13,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tuneforge.api.fine_tunes.resolve import final_step, is_completed, training_type_of
 from tuneforge.errors import InvalidRequestError, NotFoundError
+from tuneforge.jobs.references import MissingWeights, training_type_of, weights_at
 from tuneforge.storage import BlobStore, BlobWriter
-from tuneforge.storage.layout import RESUME_DIR, archive_key, final_prefix
+from tuneforge.storage.layout import RESUME_DIR, archive_key
 from tuneforge.store.tables import CheckpointRow, JobRow
 
 CHECKPOINTS = ("merged", "adapter", "model_output_path")
@@ -59,35 +59,18 @@ def choose(job: JobRow, checkpoints: list[CheckpointRow], *, checkpoint: str | N
             f"{job.id} is a full fine-tuning job: it has no adapter; download checkpoint=model_output_path",
             param="checkpoint",
         )
-    done = is_completed(job)
-    last = final_step(job, checkpoints)
-    if step:
-        rows = [c for c in checkpoints if c.kind == "intermediate" and c.step == step]
-        if rows:
-            variant = "adapter" if lora else "model"
-            return Target(
-                prefix=rows[-1].path,
-                archive=archive_key(job.id, f"step-{variant}", step),
-                variant=variant,
-                step=step,
-                intermediate=True,
-            )
-        if not (done and step == last):
-            have = sorted({c.step for c in checkpoints if c.kind == "intermediate"})
-            raise NotFoundError(
-                f"{job.id} has no checkpoint at step {step} (its checkpoints: {', '.join(map(str, have)) or 'none'})",
-                param="checkpoint_step",
-            )
-    if not done:
-        raise InvalidRequestError(
-            f"{job.id} is {job.status}: the job has no final weights yet; download an intermediate checkpoint with "
-            "checkpoint_step, or wait until it is completed",
-            param="ft_id",
-        )
     variant = ("adapter" if checkpoint == "adapter" else "merged") if lora else "model"
-    return Target(
-        prefix=final_prefix(job.id, variant), archive=archive_key(job.id, variant, 0), variant=variant, step=last
-    )
+    try:
+        w = weights_at(job, checkpoints, step=step, final_variant=variant)
+    except MissingWeights as exc:
+        if exc.unfinished:
+            raise InvalidRequestError(f"{exc}, or wait until it is completed", param="ft_id") from exc
+        raise NotFoundError(str(exc), param="checkpoint_step") from exc
+    if w.intermediate:
+        saved = "adapter" if lora else "model"  # what the run saved at that step
+        return Target(prefix=w.prefix, archive=archive_key(job.id, f"step-{saved}", w.step), variant=saved,
+                      step=w.step, intermediate=True)  # fmt: skip
+    return Target(prefix=w.prefix, archive=archive_key(job.id, variant, 0), variant=variant, step=w.step)
 
 
 def _lock(key: str) -> threading.Lock:

@@ -24,7 +24,6 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from tuneforge.api.fine_tunes import checks, resolve
 from tuneforge.api.fine_tunes.schemas import PreviewPublic, PreviewRequest, PreviewRow
 from tuneforge.catalog import background
 from tuneforge.catalog.cache import model_folder
@@ -35,8 +34,11 @@ from tuneforge.data.chat import render_preview_row
 from tuneforge.data.templates import adopt_training_template
 from tuneforge.data.tokenize import SFT_FORMATS, detect_format, iter_jsonl, preview_records, train_inputs
 from tuneforge.errors import ConflictError, InvalidRequestError
+from tuneforge.jobs import plan as checks
+from tuneforge.jobs import references as resolve
 from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore
+from tuneforge.storage.layout import file_key
 from tuneforge.store import Database
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ def preview(
     p.raise_if_any()
 
     tokenizer = model_tokenizer(settings, blobs, entry)
-    with blobs.open(f"files/{row.id}") as stream:
+    with blobs.open(file_key(row.id)) as stream:
         lines = list(islice(iter_jsonl(stream), top_k))
     fmt = (detect_format(lines[0][1]) if lines else None) or checks.format_of(row)
     if fmt not in SFT_FORMATS:

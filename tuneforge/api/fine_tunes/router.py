@@ -14,7 +14,7 @@ from tuneforge.api.errors import error_body
 from tuneforge.api.files.signing import signed_query, verify
 from tuneforge.api.fine_tunes import archives, create, preview, service
 from tuneforge.api.fine_tunes.deps import CatalogDep
-from tuneforge.api.fine_tunes.resolve import iso
+from tuneforge.api.fine_tunes.public import iso
 from tuneforge.api.fine_tunes.schemas import (
     CheckpointList,
     EstimatePricePublic,

@@ -6,11 +6,10 @@ Every lookup is scoped to the caller: another owner's job is "not found", never 
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from tuneforge.api.fine_tunes import archives, public, resolve, tokens
+from tuneforge.api.fine_tunes import archives, public, tokens
 from tuneforge.api.fine_tunes.schemas import (
     CheckpointList,
     EstimatePricePublic,
@@ -25,12 +24,15 @@ from tuneforge.api.fine_tunes.schemas import (
 )
 from tuneforge.catalog.registry import Catalog
 from tuneforge.errors import ConflictError, InvalidRequestError, NotFoundError
-from tuneforge.jobs.states import LIVE, TERMINAL, JobStatus, can_transition
+from tuneforge.jobs import queue
+from tuneforge.jobs import references as resolve
+from tuneforge.jobs.stored_plan import plan_of
 from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore
-from tuneforge.storage.layout import final_prefix, job_prefix, tokenized_key
+from tuneforge.storage.layout import file_key, final_prefix, job_prefix, tokenized_key
 from tuneforge.store import Database
 from tuneforge.store import jobs as repo
+from tuneforge.store.states import LIVE, JobStatus
 from tuneforge.store.tables import FileRow, JobRow
 
 S = JobStatus
@@ -51,7 +53,7 @@ def model_limits(db: Database, catalog: Catalog, *, owner: str, model_name: str)
         raise InvalidRequestError("model_name is required", param="model_name")
     with db.session() as s:
         entry = resolve.base_entry(s, catalog, owner=owner, name=name, param="model_name")
-    return resolve.limits_public(entry)
+    return public.limits_public(entry)
 
 
 # -- price ------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def _unavailable(row: FileRow, prefix: str) -> UnavailableReason | None:
 
 def _tokens(blobs: BlobStore, row: FileRow, tokenizer: Any) -> int:
     return tokens.count_tokens(
-        blobs, file_id=row.id, key=f"files/{row.id}", file_type=row.file_type, size=row.bytes, tokenizer=tokenizer
+        blobs, file_id=row.id, key=file_key(row.id), file_type=row.file_type, size=row.bytes, tokenizer=tokenizer
     )
 
 
@@ -157,57 +159,10 @@ def cancel_fine_tune(
     db: Database, settings: Settings, *, owner: str, job_id: str, worker: WorkerLike | None
 ) -> FineTunePublic:
     """A job that has not started is cancelled at once; a running one is asked to checkpoint and stop."""
-    signal = False
-    with db.session() as s:
-        for _ in range(3):  # the worker may move the job on between our read and our write
-            s.expire_all()
-            row = repo.get_job(s, job_id=job_id, owner=owner)
-            status = S(row.status)
-            if status == S.CANCEL_REQUESTED:
-                break
-            if status in TERMINAL:
-                raise InvalidRequestError(
-                    f"fine-tune job {job_id} is already {status.value}; only a pending, queued, running or "
-                    "uploading job can be cancelled",
-                    param="id",
-                )
-            if _cancel_now(s, job_id, status):
-                break
-            if can_transition(status, S.CANCEL_REQUESTED) and repo.transition(
-                s,
-                job_id=job_id,
-                from_statuses=(status.value,),
-                to_status=S.CANCEL_REQUESTED.value,
-                event_type="cancel_requested",
-                message="Cancel requested by the user; the run saves a checkpoint and stops",
-            ):
-                signal = True
-                break
-        s.flush()
-        s.expire_all()
-        row = repo.get_job(s, job_id=job_id, owner=owner)
+    row, signal = queue.cancel(db, owner=owner, job_id=job_id)
     if signal and worker is not None:
         worker.request_cancel(job_id)
     return to_public(db, settings, row)
-
-
-def _cancel_now(s: Any, job_id: str, status: JobStatus) -> bool:
-    """A job no process owns yet (pending, queued) is cancelled directly."""
-    if status not in (S.PENDING, S.QUEUED):
-        return False
-    moved = repo.transition(
-        s,
-        job_id=job_id,
-        from_statuses=(status.value,),
-        to_status=S.CANCELLED.value,
-        event_type="cancel_requested",
-        message="Cancel requested by the user",
-        finished_at=time.time(),
-        secrets={},  # an ended job needs no key any more
-    )
-    if moved:
-        repo.add_event(s, job_id=job_id, type_="job_stopped", message="Job cancelled before it started")
-    return moved
 
 
 def delete_fine_tune(db: Database, blobs: BlobStore, *, owner: str, job_id: str) -> FineTuneDeleted:
@@ -223,7 +178,7 @@ def delete_fine_tune(db: Database, blobs: BlobStore, *, owner: str, job_id: str)
         children = [
             j.id
             for j in repo.list_jobs(s, owner=owner)
-            if j.status in LIVE and str(((j.params or {}).get("init") or {}).get("key", "")).startswith(prefix)
+            if j.status in LIVE and (init := plan_of(j).init) is not None and init.key.startswith(prefix)
         ]
         if children:
             raise ConflictError(

@@ -1,7 +1,7 @@
 """The `local` executor: each run is a child process `python -m tuneforge.train SPEC` on this machine.
 
-The child gets its own session, so it survives a server restart and can be adopted again by pid; its
-stdout and stderr go to a log file next to the spec.
+The child gets its own session, so it survives a server restart and can be adopted again by pid (by a server
+on the same host: the handle names the host); its stdout and stderr go to a log file next to the spec.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -34,7 +35,8 @@ class LocalExecutor:
                 start_new_session=True,
             )
         self._children[proc.pid] = proc
-        return {"executor": self.name, "pid": proc.pid, "log_path": log_path, "spec_path": spec_path}
+        return {"executor": self.name, "host": socket.gethostname(), "pid": proc.pid, "log_path": log_path,
+                "spec_path": spec_path}  # fmt: skip
 
     def poll(self, handle: Handle) -> int | None:
         pid = int(handle["pid"])
@@ -44,7 +46,10 @@ class LocalExecutor:
             if code is not None:
                 self._children.pop(pid, None)
             return code
-        # A run adopted after a restart is not our child: watch its pid instead.
+        # A run adopted after a restart is not our child: watch its pid instead. A run on another host is out of
+        # sight: it counts as gone (its job resumes from its checkpoint).
+        if handle.get("host", socket.gethostname()) != socket.gethostname():
+            return -1
         return None if _alive(pid, handle.get("spec_path")) else -1
 
     def cancel(self, handle: Handle) -> None:
@@ -55,7 +60,8 @@ class LocalExecutor:
 
     def _signal(self, handle: Handle, sig: int) -> None:
         pid = int(handle["pid"])
-        if pid in self._children or _alive(pid, handle.get("spec_path")):
+        local = handle.get("host", socket.gethostname()) == socket.gethostname()
+        if pid in self._children or (local and _alive(pid, handle.get("spec_path"))):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 

@@ -61,10 +61,6 @@ from tuneforge.train.spec import TrainSpec
 METHOD = "sft"
 CONVERSATION_SHARE_WARNING = 0.99
 NO_TRAINED_REASONS = (NO_TRAINED, NO_TRAINED_AFTER_TRUNCATION)
-# Step reports ("Step 40/200: loss ...") need an event type from the SDK's closed list (strict clients reject any
-# other), and that list has no progress type; `epoch_complete` (progress through the epochs) is the nearest, and no
-# reader counts it. `training_start` would be nearer still, but readers take its last one as the attempt's start.
-STEP_EVENT = "epoch_complete"
 
 
 def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
@@ -178,7 +174,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         else:
             targets = hp.lora_target_modules
-            cfg = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+            cfg = LoraConfig(r=hp.lora_r, lora_alpha=hp.alpha, lora_dropout=hp.lora_dropout,
                              target_modules=targets if targets == "all-linear" else list(targets),
                              task_type="CAUSAL_LM")  # fmt: skip
             model = get_peft_model(model, cfg)
@@ -321,7 +317,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             if wandb_run is not None:
                 wandb_run.log(values, step=step)
             if step in report_at:
-                out.event(STEP_EVENT, f"Step {step}/{total_steps}: loss {loss:.3f}, lr {lr:.2e}",
+                out.event("step_report", f"Step {step}/{total_steps}: loss {loss:.3f}, lr {lr:.2e}",
                           step=step, total_steps=total_steps)  # fmt: skip
 
             if step in eval_at:

@@ -1,34 +1,28 @@
-"""Names a caller may use for a model: a catalog entry, one of their fine-tune jobs (`ft-…[:STEP]`) or a job's
-output name; and the facts derived from a job that other parts need (its training type, its final step).
+"""Names a caller may use for a model, a file or weights: a catalog entry, one of their fine-tune jobs
+(`ft-…[:STEP]`) or a job's output name, an uploaded file; and which stored weights such a reference means.
 
-Reads through the store's named queries only; never tells one owner about another owner's jobs.
+One resolver for `ft-…[:STEP]`, used by `from_checkpoint` (the plan) and by weight downloads alike. Reads through
+the store's named queries only; never tells one owner about another owner's jobs or files.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from tuneforge.api.fine_tunes.schemas import FullTrainingLimits, LoraTrainingLimits, ModelLimitsPublic
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.errors import InvalidRequestError, NotFoundError
-from tuneforge.jobs.states import JobStatus
+from tuneforge.jobs.stored_plan import plan_of
+from tuneforge.storage.layout import final_prefix
 from tuneforge.store import files as files_repo
 from tuneforge.store import jobs as repo
+from tuneforge.store.states import JobStatus
 from tuneforge.store.tables import CheckpointRow, FileRow, JobRow
 
 _STEP_SUFFIX = re.compile(r"^(?P<name>.+?):(?P<step>\d+)$")
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix seconds as `YYYY-MM-DDTHH:MM:SS.ffffffZ`, one of the two layouts the CLI can render."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def present(value: str | None) -> str | None:
@@ -57,9 +51,12 @@ def find_owned_job(session: Session, *, owner: str, name: str) -> JobRow | None:
 
 
 def training_type_of(job: JobRow) -> str:
-    """`lora` or `full`, as the job was created."""
-    hyper: dict[str, Any] = (job.params or {}).get("hyper") or {}
-    return "full" if hyper.get("training_type") == "full" else "lora"
+    """`lora` or `full`, as the job was planned."""
+    return plan_of(job).hyper.training_type
+
+
+def is_completed(job: JobRow) -> bool:
+    return job.status == JobStatus.COMPLETED
 
 
 def final_step(job: JobRow, checkpoints: list[CheckpointRow]) -> int:
@@ -76,8 +73,53 @@ def final_step(job: JobRow, checkpoints: list[CheckpointRow]) -> int:
     return max(steps) if steps else 0
 
 
-def is_completed(job: JobRow) -> bool:
-    return job.status == JobStatus.COMPLETED
+@dataclass(frozen=True)
+class Weights:
+    """The stored folder a reference means: an intermediate checkpoint, or the job's final weights."""
+
+    prefix: str
+    step: int
+    intermediate: bool
+    adapter: bool  # the folder holds a LoRA adapter (else whole weights)
+
+
+class MissingWeights(Exception):
+    """The reference names weights the job does not have; the message says what it has instead. `unfinished`:
+    the job has no final weights yet (rather than no checkpoint at the step named)."""
+
+    def __init__(self, message: str, *, unfinished: bool) -> None:
+        super().__init__(message)
+        self.unfinished = unfinished
+
+
+def weights_at(job: JobRow, checkpoints: list[CheckpointRow], *, step: int | None, final_variant: str) -> Weights:
+    """The weights of `job` at `step` (an intermediate checkpoint, or the final step of a completed job), or its
+    final `final_variant` (`adapter`, `merged`, `model`) when no step is named.
+
+    Raises:
+        MissingWeights: no checkpoint at that step, or no final weights yet.
+    """
+    lora = training_type_of(job) == "lora"
+    done = is_completed(job)
+    last = final_step(job, checkpoints)
+    if step:
+        rows = [c for c in checkpoints if c.kind == "intermediate" and c.step == step]
+        if rows:
+            return Weights(prefix=rows[-1].path, step=step, intermediate=True, adapter=lora)
+        if not (done and step == last):
+            have = sorted({c.step for c in checkpoints if c.kind == "intermediate"})
+            raise MissingWeights(
+                f"{job.id} has no checkpoint at step {step} (its checkpoints: {', '.join(map(str, have)) or 'none'})",
+                unfinished=False,
+            )
+    if not done:
+        raise MissingWeights(
+            f"{job.id} is {job.status}: the job has no final weights yet; only a completed job has them; name one "
+            f"of its intermediate checkpoints by its step",
+            unfinished=True,
+        )
+    return Weights(prefix=final_prefix(job.id, final_variant), step=last, intermediate=False,
+                   adapter=final_variant == "adapter")  # fmt: skip
 
 
 def base_entry(session: Session, catalog: Catalog, *, owner: str, name: str, param: str = "model") -> ModelEntry:
@@ -124,43 +166,4 @@ def owned_file(session: Session, *, owner: str, file_id: str, param: str, unfini
         f"{param} {file_id!r} is not ready: the upload was opened but not finished ({how.format(id=file_id)}), "
         "or upload the file again",
         param=param,
-    )
-
-
-def limits_public(entry: ModelEntry) -> ModelLimitsPublic:
-    lim = entry.limits
-    full = (
-        FullTrainingLimits(
-            min_batch_size=lim.full_min_batch_size,
-            max_batch_size=lim.full_max_batch_size,
-            max_batch_size_dpo=lim.full_max_batch_size_dpo,
-        )
-        if lim.supports_full
-        else None
-    )
-    return ModelLimitsPublic(
-        model_name=entry.name,
-        lora_training=LoraTrainingLimits(
-            default_rank=lim.default_lora_rank,
-            max_rank=lim.max_lora_rank,
-            min_batch_size=lim.lora_min_batch_size,
-            max_batch_size=lim.lora_max_batch_size,
-            max_batch_size_dpo=lim.lora_max_batch_size_dpo,
-            target_modules=list(lim.target_modules),
-        ),
-        full_training=full,
-        max_seq_length_sft=lim.max_seq_length,
-        max_seq_length_dpo=lim.max_seq_length_dpo,
-        min_max_seq_length=lim.min_seq_length,
-        supports_vision=lim.supports_vision,
-        supports_full_training=lim.supports_full,
-        supports_tools=lim.supports_tools,
-        supports_reasoning=lim.supports_reasoning,
-        max_num_epochs=lim.max_num_epochs,
-        max_num_evals=lim.max_num_evals,
-        max_num_checkpoints=lim.max_num_checkpoints,
-        min_learning_rate=lim.min_learning_rate,
-        max_learning_rate=lim.max_learning_rate,
-        default_gradient_accumulation_steps=lim.default_gradient_accumulation_steps,
-        merge_output_lora=lim.merge_output_lora,
     )
