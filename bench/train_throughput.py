@@ -198,7 +198,7 @@ def run_ours(
     return {
         "rates": out.rates,
         "cpu_rates": out.cpu_rates,
-        "rows_per_batch": start["batch_size"],
+        "examples_per_step": start["batch_size"],
         "trainable": start["trainable_params"],
         "trained_share": data["trained_tokens"] / max(1, data["token_count"]),
         "peak_rss_gb": out.peak_rss_gb,
@@ -332,7 +332,7 @@ def main() -> None:
         "mflops_per_token": round(ours_flops / 1e6, 1),
         "baseline_mflops_per_token": round(base_flops / 1e6, 1),
         "trained_share": round(ours["trained_share"], 3),
-        "rows_per_batch": ours["rows_per_batch"],
+        "examples_per_step": ours["examples_per_step"],
         "baseline_batch_size": base["batch_size"] if base else None,
         "baseline_gradient_checkpointing": base["gradient_checkpointing"] if base else None,
         "ours_per_step_tok_s": [round(r, 1) for r in ours["rates"]],

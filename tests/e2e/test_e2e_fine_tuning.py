@@ -54,7 +54,7 @@ EVENT_LEVELS = {None, "info", "warning", "error", "legacy_info", "legacy_iwarnin
 # Status order of a job that completes: never goes back, may skip any but the last.
 STATUS_RANK = {"pending": 0, "queued": 0, "running": 1, "compressing": 2, "uploading": 2, "completed": 3}
 LORA_EPOCHS, LORA_BATCH, N_EXAMPLES = 3, 2, 8
-LORA_STEPS = LORA_EPOCHS * N_EXAMPLES // LORA_BATCH  # no packing: one example per row
+LORA_STEPS = LORA_EPOCHS * N_EXAMPLES // LORA_BATCH  # batch_size counts examples per step, packed or not
 LORA_INTERMEDIATE = LORA_STEPS // 2  # n_checkpoints=2: one halfway, then the final weights
 
 

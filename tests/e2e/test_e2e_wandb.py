@@ -31,7 +31,7 @@ from wandb_standin import WandbStub
 pytestmark = pytest.mark.timeout(240)
 
 N_EXAMPLES, EPOCHS, BATCH = 8, 2, 4
-STEPS = EPOCHS * N_EXAMPLES // BATCH  # no packing: one example per row
+STEPS = EPOCHS * N_EXAMPLES // BATCH  # batch_size counts examples per step, packed or not
 
 
 def test_a_job_with_a_wandb_key_logs_its_metrics_to_wandb(tmp_path: Path) -> None:

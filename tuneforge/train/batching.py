@@ -1,10 +1,11 @@
-"""Rows, batches and the data order of a run: tokenized examples (or packed rows) become next-token targets,
-an epoch becomes a seeded list of micro-batches (length-bucketed when not packed), a micro-batch becomes
-right-padded tensors. Knows no model: token ids in, tensors out.
+"""Rows, steps and the data order of a run: tokenized examples become next-token targets, an epoch becomes a
+seeded list of optimizer steps of `batch_size` examples each, a step's examples become rows (packed or one example
+each), and rows become right-padded tensors. Knows no model: token ids in, tensors out.
 
 A row's `targets[t]` is the token position t must predict (labels shifted left by one), -100 where nothing is
-trained; a packed row never predicts across its examples' borders, so a packed batch has exactly the loss of
-its examples run one by one (with position ids restarting per example, which tells the model where they end).
+trained; a packed row never predicts across its examples' borders, so a packed row has exactly the loss of its
+examples run one by one (with position ids restarting per example, which tells the model where they end). Packing
+therefore only changes how a step's examples are laid into rows, never which examples a step trains on.
 """
 
 from __future__ import annotations
@@ -66,11 +67,6 @@ def example_row(example: Any) -> Row:
     return make_row(example.input_ids, example.labels, [b - a for a, b in zip(starts, [*starts[1:], n], strict=True)])
 
 
-def packed_row(row: Any) -> Row:
-    """A Row from a `PackedRow` (input_ids, labels, seq_lens)."""
-    return make_row(row.input_ids, row.labels, row.seq_lens)
-
-
 def position_ids(seq_lens: Sequence[int], length: int) -> np.ndarray:
     """Positions restarting at 0 for each example; padding after the last one continues its count."""
     parts = [np.arange(n, dtype=np.int64) for n in seq_lens]
@@ -104,29 +100,76 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, Any]:
     }
 
 
-def plan_epoch(lengths: Sequence[int], *, rows_per_batch: int, seed: int, epoch: int, bucket: bool) -> list[list[int]]:
-    """The micro-batches (lists of row indices) of one epoch, a pure function of its arguments.
+def plan_epoch(n_examples: int, *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The optimizer steps of one epoch (lists of example indices), a pure function of its arguments.
 
-    Rows are shuffled with a generator seeded by (seed, epoch). With `bucket`, each window of 64 batches is
-    sorted by length before it is cut, so a batch pads little, and the batches are shuffled again.
+    The examples are shuffled by a generator seeded by (seed, epoch) and cut into steps of `batch_size` examples;
+    the last step may be shorter. Packing plays no part: a packed and an unpacked run train on the same steps.
     """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
-    size = max(1, rows_per_batch)
-    if not bucket:
-        return [order[i : i + size] for i in range(0, len(order), size)]
-    span = size * 64
-    batches: list[list[int]] = []
-    for start in range(0, len(order), span):
-        window = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches.extend(window[i : i + size] for i in range(0, len(window), size))
-    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples).tolist()
+    size = max(1, batch_size)
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def group_steps(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
-    """Optimizer steps: consecutive groups of `accumulation` micro-batches (the last group may be shorter)."""
-    n = max(1, accumulation)
-    return [batches[i : i + n] for i in range(0, len(batches), n)]
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """ceil(examples / batch_size): what `plan_epoch` gives, whatever packing and gradient accumulation are."""
+    return -(-n_examples // max(1, batch_size))
+
+
+def micro_batches(step: Sequence[int], accumulation: int) -> list[list[int]]:
+    """A step's examples in `accumulation` consecutive parts of near-equal size (fewer when the step is smaller).
+
+    Memory only: the loss of a step is normalised over all of its trained tokens, so the parts add up to it.
+    """
+    n = min(max(1, accumulation), max(1, len(step)))
+    size, extra = divmod(len(step), n)
+    parts: list[list[int]] = []
+    start = 0
+    for k in range(n):
+        end = start + size + (1 if k < extra else 0)
+        parts.append(list(step[start:end]))
+        start = end
+    return [p for p in parts if p]
+
+
+def concat_rows(rows: Sequence[Row]) -> Row:
+    """One packed row of `rows` in order: their targets already end each example, so nothing crosses a border."""
+    if len(rows) == 1:
+        return rows[0]
+    return Row(
+        np.concatenate([r.input_ids for r in rows]),
+        np.concatenate([r.targets for r in rows]),
+        tuple(n for r in rows for n in r.seq_lens),
+    )
+
+
+def pack_rows(rows: Sequence[Row], capacity: int) -> list[Row]:
+    """Rows packed first-fit decreasing into rows of at most `capacity` tokens (a longer row stays alone).
+
+    Deterministic: ties in length keep their order in `rows`.
+    """
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].length)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        need = rows[i].length
+        for b, left in enumerate(room):
+            if need <= left:
+                bins[b].append(i)
+                room[b] -= need
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - need)
+    return [concat_rows([rows[i] for i in members]) for members in bins]
+
+
+def lay_out(rows: Sequence[Row], pack_to: int | None) -> list[Row]:
+    """A step's (or micro-batch's) examples as the rows to forward: packed into rows of up to `pack_to` tokens,
+    or (None) one row per example, longest first so that chunks pad little."""
+    if pack_to is not None:
+        return pack_rows(rows, pack_to)
+    return sorted(rows, key=lambda r: -r.length)
 
 
 def split_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget_tokens: int) -> list[list[int]]:
@@ -148,11 +191,6 @@ def split_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget_token
     if current:
         chunks.append(current)
     return chunks
-
-
-def steps_per_epoch(n_rows: int, rows_per_batch: int, accumulation: int) -> int:
-    batches = -(-n_rows // max(1, rows_per_batch))
-    return -(-batches // max(1, accumulation))
 
 
 def count_tokens(rows: Iterable[Row]) -> tuple[int, int]:

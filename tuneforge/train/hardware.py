@@ -21,7 +21,7 @@ LOGIT_COPIES = 3
 # peaked at 47 tok/s, bs 8 x 512 fell to 37 on 2 AVX2 cores), so a CPU micro-batch stays at or under this.
 CPU_TOKENS_PER_FORWARD = 2048
 GPU_TOKENS_PER_FORWARD = 65536
-MAX_ROWS = 64
+MAX_EXAMPLES = 64  # per optimizer step under batch_size="max"
 MEMORY_SHARE = 0.5  # of the memory available at start: the rest is for the OS, other runs and fragmentation
 
 
@@ -123,6 +123,10 @@ def plan_memory(
     )
 
 
-def max_batch_rows(plan: MemoryPlan, longest_row: int) -> int:
-    """`batch_size="max"`: as many rows of the longest length as one forward holds (1 to 64)."""
-    return max(1, min(MAX_ROWS, plan.tokens_per_forward // max(1, longest_row)))
+def max_batch_examples(plan: MemoryPlan, example_length: int) -> int:
+    """`batch_size="max"`: how many examples of `example_length` tokens one forward holds (1 to 64).
+
+    A number of examples per optimizer step, packing or not; the recipe passes the data's typical length, so that
+    a step holds about one forward's worth of tokens (chunking keeps any step within memory).
+    """
+    return max(1, min(MAX_EXAMPLES, plan.tokens_per_forward // max(1, example_length)))

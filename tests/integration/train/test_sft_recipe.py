@@ -58,11 +58,13 @@ def test_standalone_process_runs_to_completion(tmp_path, tiny_model):
     assert types.count("eval_complete") == 2
     messages = [e["message"] for e in job.events()]
     assert sum(m.startswith("Epoch ") for m in messages) == 2
-    assert [m for m in messages if m.startswith("Step ")][-1].startswith("Step 2/2: loss ")
-    data = next(e for e in job.events() if e["type"] == "training_data_download_complete")["data"]
-    assert data["token_count"] == data["trained_tokens"] + data["masked_tokens"] and data["masked_tokens"] > 0
     start = next(e for e in job.events() if e["type"] == "training_start")["data"]
     total = start["total_steps"]
+    # 16 examples, 4 per step (packed: packing never changes the count), 2 epochs
+    assert (total, start["batch_size"], start["examples"]) == (8, 4, 16)
+    assert [m for m in messages if m.startswith("Step ")][-1].startswith("Step 8/8: loss ")
+    data = next(e for e in job.events() if e["type"] == "training_data_download_complete")["data"]
+    assert data["token_count"] == data["trained_tokens"] + data["masked_tokens"] and data["masked_tokens"] > 0
     assert start["param_count"] > start["trainable_params"] > 0
     progress = [r for r in records if r["kind"] == "progress"]
     assert [p["step"] for p in progress] == list(range(1, total + 1)) and progress[-1]["epoch"] == pytest.approx(2)
@@ -137,9 +139,10 @@ def test_from_checkpoint_continues_from_the_saved_weights(tiny_model, learned, f
     assert "continuing from" in next(e for e in job.events() if e["type"] == "model_download_complete")["message"]
 
 
-def test_same_seed_same_curve_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
-    # 16 examples, 4 per batch, 2 accumulated: 2 steps per epoch, 6 in all; the checkpoint at step 3 is mid-epoch.
-    hyper = {"batch_size": 4, "gradient_accumulation_steps": 2, "n_epochs": 3, "n_checkpoints": 2, "packing": False,
+@pytest.mark.parametrize("packing", [False, True])
+def test_same_seed_same_curve_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, packing):
+    # 16 examples, 8 per step in 2 micro-batches: 2 steps per epoch, 6 in all; the checkpoint at step 3 is mid-epoch.
+    hyper = {"batch_size": 8, "gradient_accumulation_steps": 2, "n_epochs": 3, "n_checkpoints": 2, "packing": packing,
              "lora_dropout": 0.1, "warmup_ratio": 0.2, "weight_decay": 0.01, "seed": 7}  # fmt: skip
     rows = conversations(2)
     first = make_job(tmp_path, tiny_model, job_id="ft-seed", hyper=hyper, rows=rows)

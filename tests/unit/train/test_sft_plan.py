@@ -1,18 +1,31 @@
-"""The arithmetic around an SFT run: learning-rate schedule, evaluation and checkpoint steps, the seeded data order,
-memory-sized chunks and `batch_size="max"`, the recipe table, and how `python -m tuneforge.train` reports failures."""
+"""The arithmetic around an SFT run: learning-rate schedule, evaluation and checkpoint steps, the seeded data order
+(steps of `batch_size` examples, packed or not), memory-sized chunks and `batch_size="max"`, the recipe table, and how
+`python -m tuneforge.train` reports failures."""
 
 import itertools
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from tuneforge.errors import InvalidRequestError
 from tuneforge.train import __main__ as entry
 from tuneforge.train import registry
-from tuneforge.train.batching import group_steps, plan_epoch, position_ids, split_by_tokens, steps_per_epoch
-from tuneforge.train.hardware import bf16_is_fast, max_batch_rows, plan_memory
+from tuneforge.train.batching import (
+    IGNORE,
+    collate,
+    lay_out,
+    make_row,
+    micro_batches,
+    pack_rows,
+    plan_epoch,
+    position_ids,
+    split_by_tokens,
+    steps_per_epoch,
+)
+from tuneforge.train.hardware import bf16_is_fast, max_batch_examples, plan_memory
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import (
     checkpoint_steps,
@@ -64,16 +77,59 @@ def test_evaluations_and_checkpoints_are_evenly_spaced_and_never_duplicate_the_f
     assert {1, 200} <= marks and 10 <= len(marks) <= 20
 
 
-def test_the_data_order_is_seeded_covers_every_row_once_and_buckets_by_length():
-    lengths = [(i * 37) % 101 + 1 for i in range(300)]
-    a = plan_epoch(lengths, rows_per_batch=8, seed=1, epoch=0, bucket=True)
-    assert a == plan_epoch(lengths, rows_per_batch=8, seed=1, epoch=0, bucket=True)
-    assert a != plan_epoch(lengths, rows_per_batch=8, seed=1, epoch=1, bucket=True)
-    assert sorted(i for b in a for i in b) == list(range(300))
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in a)
-    shuffled = plan_epoch(lengths, rows_per_batch=8, seed=1, epoch=0, bucket=False)
-    assert padded < sum(max(lengths[i] for i in b) * len(b) for b in shuffled)
-    assert len(group_steps(a, 4)) == steps_per_epoch(300, 8, 4) == 10
+def test_the_data_order_is_seeded_and_cuts_each_epoch_into_steps_of_batch_size_examples():
+    a = plan_epoch(300, batch_size=8, seed=1, epoch=0)
+    assert a == plan_epoch(300, batch_size=8, seed=1, epoch=0)  # a pure function: a resumed run replays it
+    assert a != plan_epoch(300, batch_size=8, seed=1, epoch=1)
+    assert a != plan_epoch(300, batch_size=8, seed=2, epoch=0)
+    assert sorted(i for s in a for i in s) == list(range(300))  # every example once per epoch
+    assert [len(s) for s in a] == [8] * 37 + [4]  # the last step takes what is left
+    assert len(a) == steps_per_epoch(300, 8) == 38
+    assert [i for s in a for i in s] != list(range(300))  # shuffled
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch_size", "steps"), [(24, 8, 3), (25, 8, 4), (7, 8, 1), (8, 1, 8), (1, 64, 1)]
+)
+def test_steps_per_epoch_is_the_ceiling_of_examples_over_batch_size(examples, batch_size, steps):
+    assert steps_per_epoch(examples, batch_size) == len(plan_epoch(examples, batch_size=batch_size, seed=0, epoch=0))
+    assert steps_per_epoch(examples, batch_size) == steps
+
+
+def test_micro_batches_split_a_step_without_losing_or_adding_an_example():
+    step = [5, 3, 9, 1, 7, 2, 8]
+    assert micro_batches(step, 1) == [step]
+    assert micro_batches(step, 3) == [[5, 3, 9], [1, 7], [2, 8]]
+    assert micro_batches(step, 10) == [[i] for i in step]  # never an empty micro-batch
+    assert micro_batches([], 4) == []
+
+
+def _rows(lengths):
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in lengths:
+        ids = rng.integers(4, 100, size=n).tolist()
+        rows.append(make_row(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
+    return rows
+
+
+def test_packing_a_steps_examples_keeps_every_target_and_never_crosses_a_border():
+    rows = _rows([5, 30, 12, 7, 20, 3, 9])
+    packed = pack_rows(rows, capacity=32)
+    assert all(r.length <= 32 for r in packed) and len(packed) < len(rows)
+    assert sorted(n for r in packed for n in r.seq_lens) == sorted(r.length for r in rows)
+    assert sum(r.trained for r in packed) == sum(r.trained for r in rows)
+    want = sorted(tuple(r.targets.tolist()) for r in rows)
+    got = []
+    for r in packed:  # cut each packed row back at its examples' borders: the same targets as alone
+        bounds = np.cumsum((0, *r.seq_lens)).tolist()
+        got.extend(tuple(r.targets[a:b].tolist()) for a, b in itertools.pairwise(bounds))
+    assert sorted(got) == want
+    assert pack_rows(rows, capacity=4)[0].length == 30  # longer than the capacity: alone
+    assert [r.length for r in lay_out(rows, None)] == sorted((r.length for r in rows), reverse=True)
+    assert len(lay_out(rows, 1000)) == 1
+    batch = collate(lay_out(rows, 1000), pad_id=0)
+    assert batch["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 4] and batch["position_ids"][0, 30].item() == 0
 
 
 def test_chunks_respect_the_token_budget_but_keep_at_least_one_row():
@@ -92,13 +148,18 @@ def test_batch_size_max_for_smollm2_at_512_stays_modest_on_a_cpu():
     smol = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
     plan = plan_memory(smol, total_params=134_515_008, trainable_params=4_884_480, longest_row=512,
                        device=torch.device("cpu"), free_bytes=22 << 30)  # fmt: skip
-    rows = max_batch_rows(plan, 512)
-    assert 1 <= rows <= 4 and not plan.activation_checkpointing
-    estimate = plan.static_bytes + rows * 512 * plan.bytes_per_token
+    examples = max_batch_examples(plan, 512)
+    assert 1 <= examples <= 4 and not plan.activation_checkpointing
+    estimate = plan.static_bytes + examples * 512 * plan.bytes_per_token
     assert estimate < 12 << 30  # well below the 24 GB machine
     tight = plan_memory(smol, total_params=134_515_008, trainable_params=4_884_480, longest_row=8192,
                         device=torch.device("cpu"), free_bytes=8 << 30)  # fmt: skip
-    assert tight.activation_checkpointing and max_batch_rows(tight, 8192) == 1
+    assert tight.activation_checkpointing and max_batch_examples(tight, 8192) == 1
+    # Short examples: more of them per step, but never more than one forward's tokens, and at most 64.
+    short = plan_memory(smol, total_params=134_515_008, trainable_params=4_884_480, longest_row=60,
+                        device=torch.device("cpu"), free_bytes=22 << 30)  # fmt: skip
+    assert max_batch_examples(short, 40) * 40 <= short.tokens_per_forward <= 2048
+    assert max_batch_examples(short, 40) > 4 and max_batch_examples(short, 1) == 64
 
 
 def test_bf16_is_only_used_where_it_is_fast():

@@ -27,7 +27,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.catalog.loading import download_folder, resolve_model_dir
-from tuneforge.data.packing import pack_examples
 from tuneforge.data.templates import adopt_training_template
 from tuneforge.data.tokenize import (
     NO_TRAINED,
@@ -44,15 +43,15 @@ from tuneforge.train.batching import (
     Row,
     collate,
     example_row,
-    group_steps,
-    packed_row,
+    lay_out,
+    micro_batches,
     plan_epoch,
     split_by_tokens,
     steps_per_epoch,
 )
 from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
 from tuneforge.train.events import EventWriter
-from tuneforge.train.hardware import bf16_is_fast, max_batch_rows, plan_memory, set_threads
+from tuneforge.train.hardware import bf16_is_fast, max_batch_examples, plan_memory, set_threads
 from tuneforge.train.loss import causal_lm, trained_token_loss
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler, report_steps
@@ -111,7 +110,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     if stop.is_set():
         return Outcome("cancelled", "Cancelled before training started")
 
-    # ---- 2. Data: tokenize (masking per train_on_inputs), check, publish the tokenized set, pack or bucket.
+    # ---- 2. Data: tokenize (masking per train_on_inputs), check, publish the tokenized set; one row per example.
     out.event("training_data_downloading", "Downloading and tokenizing the training file")
     examples, report = _tokenize(blobs, spec.training_file_key, spec.training_file_type, tokenizer, spec)
     _refuse_unusable(report, "training", hp.max_seq_length)
@@ -156,10 +155,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         out.event(
             "tokenized_dataset_upload_complete", "The tokenized training set is stored", tokenized_dataset_path=key
         )
-    if hp.packing:
-        rows = [packed_row(r) for r in pack_examples(examples, max_seq_length=hp.max_seq_length, seed=hp.seed)]
-    else:
-        rows = [example_row(e) for e in examples]
+    rows = [example_row(e) for e in examples]  # packing lays each step's examples into rows, in the step loop
     del examples
     lengths = [r.length for r in rows]
     if stop.is_set():
@@ -196,19 +192,23 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=hp.learning_rate,
     )
-    # The data order is a pure function of (seed, epoch, rows per batch): a resumed run replays it exactly.
+    # `batch_size` is examples per optimizer step, packing or not ("max": as many examples of the data's mean length
+    # as one forward holds, decided once and kept by a resumed run). The data order is a pure function of (seed,
+    # epoch, examples per step): a resumed run replays it exactly. Packing only lays a step's examples into rows of
+    # up to max_seq_length tokens, and no longer than one forward's budget.
     saved = load_resume(resume_dir / RESUME_DIR) if resume_dir is not None else None
-    if saved is not None:
-        rows_per_batch = int(saved[3]["rows_per_batch"])
+    if saved is not None and "examples_per_step" in saved[3]:
+        batch_size = int(saved[3]["examples_per_step"])
     elif hp.batch_size == "max":
-        rows_per_batch = max_batch_rows(mem, max(lengths))
+        batch_size = max_batch_examples(mem, math.ceil(sum(lengths) / len(lengths)))
     else:
-        rows_per_batch = int(hp.batch_size)
+        batch_size = int(hp.batch_size)
+    pack_to = max(max(lengths), min(hp.max_seq_length, mem.tokens_per_forward)) if hp.packing else None
     accumulation = max(1, hp.gradient_accumulation_steps)
-    per_epoch = steps_per_epoch(len(rows), rows_per_batch, accumulation)
+    per_epoch = steps_per_epoch(len(rows), batch_size)
     total_steps = per_epoch * hp.n_epochs
     scheduler = make_scheduler(optimizer, hyper=hp, total_steps=total_steps)
-    plan_digest = hashlib.sha256(json.dumps([lengths, rows_per_batch, accumulation, hp.seed]).encode()).hexdigest()
+    plan_digest = hashlib.sha256(json.dumps(["examples", lengths, batch_size, hp.seed]).encode()).hexdigest()
     step, first_epoch, skip = 0, 0, 0
     early: dict[str, Any] = {"best": None, "best_step": 0, "bad": 0, "evals": 0}
     if saved is not None:
@@ -245,14 +245,16 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         "training_start",
         f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({trainable:,} of "
         f"{total_params:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
-        f"{len(rows):,} {'packed rows' if hp.packing else 'examples'} x {hp.n_epochs} epochs, {rows_per_batch} "
-        f"per batch x {accumulation} accumulation, {precision}, {threads} threads on {device.type}"
-        f"{', activation checkpointing' if mem.activation_checkpointing else ''}",
+        f"{len(rows):,} examples x {hp.n_epochs} epochs, {batch_size:,} examples per step "
+        f"({f'packed into rows of up to {pack_to:,} tokens' if pack_to else 'unpacked'})"
+        f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, {precision}, {threads} threads on "
+        f"{device.type}{', activation checkpointing' if mem.activation_checkpointing else ''}",
         total_steps=total_steps,
         param_count=param_count,
         trainable_params=trainable,
         token_count=total_tokens,
-        batch_size=rows_per_batch,
+        batch_size=batch_size,
+        examples=len(rows),
         eval_steps=len(eval_at),
         step=step,
     )
@@ -263,7 +265,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         _save_weights(model, tokenizer, folder)
         if in_epoch >= per_epoch:
             at_epoch, in_epoch = at_epoch + 1, 0
-        state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "rows_per_batch": rows_per_batch,
+        state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
                  "plan_digest": plan_digest, "early_stopping": early, "total_steps": total_steps}  # fmt: skip
         save_resume(folder / RESUME_DIR, optimizer=optimizer, scheduler=scheduler, state=state)
         write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest_base)
@@ -272,29 +274,28 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         out.event("checkpoint_save", f"Checkpoint saved at step {at_step}", step=at_step, checkpoint_path=prefix)
         out.checkpoint(at_step, prefix, kind="intermediate", adapter=lora)
 
-    # ---- 4. Train: each optimizer step takes `accumulation` micro-batches; the loss is the mean over every trained
-    # token of the whole step, so cutting a micro-batch into memory-sized chunks changes nothing.
+    # ---- 4. Train: each optimizer step takes `batch_size` examples, split into `accumulation` micro-batches, each laid
+    # into rows (packed or one per example) and forwarded in memory-sized chunks. The loss is the mean over every
+    # trained token of the whole step, so neither the micro-batches, the rows nor the chunks change the arithmetic.
     early_stopped = False
     cancelled = False
     for epoch in range(first_epoch, hp.n_epochs):
-        plan = group_steps(
-            plan_epoch(lengths, rows_per_batch=rows_per_batch, seed=hp.seed, epoch=epoch, bucket=not hp.packing),
-            accumulation,
-        )
+        plan = plan_epoch(len(rows), batch_size=batch_size, seed=hp.seed, epoch=epoch)
         for k in range(skip, len(plan)):
             started = time.perf_counter()
-            group = [i for micro in plan[k] for i in micro]
-            n_trained = sum(rows[i].trained for i in group)
+            n_trained = sum(rows[i].trained for i in plan[k])
             loss_sum, correct, real_tokens = 0.0, 0, 0
-            for micro in plan[k]:
-                for chunk in split_by_tokens(micro, lengths, mem.tokens_per_forward):
-                    batch = {name: t.to(device) for name, t in collate([rows[i] for i in chunk], pad_id).items()}
+            for micro in micro_batches(plan[k], accumulation):
+                laid = lay_out([rows[i] for i in micro], pack_to)
+                laid_lengths = [r.length for r in laid]
+                for chunk in split_by_tokens(range(len(laid)), laid_lengths, mem.tokens_per_forward):
+                    batch = {name: t.to(device) for name, t in collate([laid[i] for i in chunk], pad_id).items()}
                     with autocast():
                         chunk_loss, chunk_correct, _ = trained_token_loss(model, batch)
                     (chunk_loss / max(1, n_trained)).backward()
                     loss_sum += float(chunk_loss.detach())
                     correct += int(chunk_correct)
-                    real_tokens += sum(lengths[i] for i in chunk)
+                    real_tokens += sum(laid_lengths[i] for i in chunk)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm if hp.max_grad_norm > 0 else math.inf)
             lr = float(optimizer.param_groups[0]["lr"])
             optimizer.step()
