@@ -59,4 +59,5 @@ def build_spec(
         wandb=wandb,
         device=settings.train_device,
         num_threads=settings.train_threads,
+        dtype=settings.train_dtype,
     )
