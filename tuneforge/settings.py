@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
     train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
     train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")
+    train_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="compute dtype of training runs: auto (bf16 autocast where bf16 is fast), fp32 or bf16"
+    )
     max_attempts: int = Field(3, description="how often a job whose process died is resumed before it fails")
     cancel_grace_s: float = Field(20.0, description="seconds a cancelled run gets to checkpoint before SIGKILL")
     heartbeat_timeout_s: float = Field(600.0, description="a run silent this long is treated as dead")

@@ -33,4 +33,5 @@ def build_spec(
         resume=Resume(key=resume_from.path, step=resume_from.step) if resume_from is not None else None,
         device=settings.train_device,
         num_threads=settings.train_threads,
+        dtype=settings.train_dtype,
     )

@@ -1,14 +1,17 @@
-"""What the machine allows: threads, whether bf16 is fast here, free memory, and how many tokens one forward
-and backward may hold (the `batch_size="max"` rule). Knows a model config's sizes; no data, no recipe.
+"""What the machine allows: threads, whether bf16 is fast here (and so the dtype a run computes in), free memory,
+and how many tokens one forward and backward may hold (the `batch_size="max"` rule). Knows a model config's sizes;
+no data, no recipe.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+TrainDtype = Literal["auto", "fp32", "bf16"]
 
 # Measured on SmolLM2-135M, fp32, LoRA all-linear, sdpa (FINDINGS §3): activations kept for the backward take
 # about 4 bytes x layers x (16 x hidden + 9 x intermediate) per token (2.76 MB at hidden 576 / inter 1536 /
@@ -43,6 +46,19 @@ def bf16_is_fast(device: torch.device) -> bool:
     amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
     return bool(amx or avx512_bf16)
+
+
+def compute_dtype(requested: TrainDtype | str, device: torch.device) -> torch.dtype:
+    """The dtype a run computes in: `bf16` (bf16 autocast over fp32 weights) or `fp32` as asked, even where bf16
+    is emulated and slow (tests use that to run the bf16 path on any CPU); `auto`: bf16 where `bf16_is_fast`,
+    else fp32."""
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp32":
+        return torch.float32
+    if requested == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    raise ValueError(f"unknown training dtype {requested!r}: auto, fp32 or bf16")
 
 
 def available_memory(device: torch.device) -> int:

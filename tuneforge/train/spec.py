@@ -169,6 +169,7 @@ class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
     resume: Resume | None = None
     device: str = "cpu"
     num_threads: int | None = None
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # compute dtype; auto: bf16 autocast where bf16 is fast
 
     @property
     def hyper(self) -> Hyper:

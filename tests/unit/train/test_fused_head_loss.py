@@ -99,3 +99,29 @@ def test_a_soft_capped_head_takes_the_plain_path_with_the_same_result():
     loss.backward()
     ref_loss.backward()
     assert torch.allclose(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_cpu_bf16_autocast_the_fused_loss_matches_the_plain_one_within_bf16_precision(monkeypatch, bias):
+    """The recipe runs the head loss inside torch.autocast("cpu", bfloat16) (spec.dtype bf16): the head's matmuls
+    run in bf16 there, the sums and gradients stay fp32 and agree with autograd's under the same autocast."""
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * VOCAB)
+    torch.manual_seed(0)
+    fused_lm, plain_lm = _LM(bias), _LM(bias)
+    plain_lm.load_state_dict(fused_lm.state_dict())
+    hidden, targets = _inputs(5)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, correct = head_loss(fused_lm, h1, targets)
+        ref_loss, ref_correct = _reference(plain_lm, h2, targets, 1.0)
+        assert F.linear(hidden, fused_lm.head.weight).dtype == torch.bfloat16  # autocast is really on
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-2)
+    assert abs(int(correct) - int(ref_correct)) <= 2  # near-ties may flip in bf16
+    loss.backward()
+    ref_loss.backward()
+    for mine, ref in [(h1.grad, h2.grad), (fused_lm.head.weight.grad, plain_lm.head.weight.grad)] + (
+        [(fused_lm.head.bias.grad, plain_lm.head.bias.grad)] if bias else []
+    ):
+        assert mine.dtype == torch.float32
+        assert torch.allclose(mine, ref.float(), atol=2e-2 * float(ref.abs().max()), rtol=2e-2)

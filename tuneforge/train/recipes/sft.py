@@ -51,7 +51,7 @@ from tuneforge.train.batching import (
 )
 from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
 from tuneforge.train.events import EventWriter
-from tuneforge.train.hardware import bf16_is_fast, max_batch_examples, plan_memory, set_threads
+from tuneforge.train.hardware import bf16_is_fast, compute_dtype, max_batch_examples, plan_memory, set_threads
 from tuneforge.train.loss import causal_lm, trained_token_loss
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler, report_steps
@@ -68,7 +68,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     lora = hp.training_type == "lora"
     device = torch.device(spec.device)
     threads = set_threads(spec.num_threads)
-    use_bf16 = bf16_is_fast(device)
+    use_bf16 = compute_dtype(spec.dtype, device) == torch.bfloat16
     blobs = open_blob_store(spec.storage_url)
     work = Path(spec.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     if stop.is_set():
         return Outcome("cancelled", "Cancelled before training started")
 
-    # ---- 3. Model: fp32 weights (bf16 autocast only where it is fast), LoRA or full, from the base or a start.
+    # ---- 3. Model: fp32 weights (bf16 autocast where it is fast, or where spec.dtype asks), LoRA or full.
     save_dtype = _checkpoint_dtype(AutoConfig.from_pretrained(str(base_dir)))
     load = {"dtype": torch.float32, "attn_implementation": "sdpa", "use_cache": False}
     model: Any = AutoModelForCausalLM.from_pretrained(str(weights_dir), **load)
@@ -240,7 +240,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     wandb_run = wandb_log.start(spec, out, total_steps)
-    precision = "bf16 autocast" if use_bf16 else "fp32"
+    precision = "fp32" if not use_bf16 else "bf16 autocast" + ("" if bf16_is_fast(device) else " (emulated: slow)")
     out.event(
         "training_start",
         f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({trainable:,} of "
@@ -257,6 +257,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         examples=len(rows),
         eval_steps=len(eval_at),
         step=step,
+        dtype="bf16" if use_bf16 else "fp32",
     )
 
     def save_checkpoint(at_step: int, at_epoch: int, in_epoch: int) -> None:
