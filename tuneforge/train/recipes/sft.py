@@ -27,9 +27,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.catalog.loading import download_folder, resolve_model_dir
-from tuneforge.data.packing import pack_examples
-from tuneforge.data.templates import adopt_training_template
-from tuneforge.data.tokenize import (
+from tuneforge.data.tokenization.packing import pack_examples
+from tuneforge.data.tokenization.templates import adopt_training_template
+from tuneforge.data.tokenization.tokenize import (
     NO_TRAINED,
     NO_TRAINED_AFTER_TRUNCATION,
     TokenizationReport,

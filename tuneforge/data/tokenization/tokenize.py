@@ -15,10 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO
 
-from tuneforge.data.chat import IGNORE, ImageContent, conversation_tokens
-from tuneforge.data.jsonl import iter_lines
-from tuneforge.data.rules import FORMATS, LineError, decode_line
-from tuneforge.data.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
+from tuneforge.data.tokenization.chat import IGNORE, ImageContent, conversation_tokens
+from tuneforge.data.tokenization.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
+from tuneforge.data.validation.jsonl import iter_lines
+from tuneforge.data.validation.rules import FORMATS, LineError, decode_line
 
 SFT_FORMATS = ("general", "conversation", "instruction")
 MAX_LINE_BYTES = 150 * 2**20  # as the validator's default
@@ -353,7 +353,7 @@ def tokenize_blob(
         ValueError: an unknown file type or format, or a record that cannot be rendered (see `tokenize_records`).
     """
     if filetype == "parquet":
-        from tuneforge.data.pretokenized import read_parquet
+        from tuneforge.data.tokenization.pretokenized import read_parquet
 
         return read_parquet(stream, max_seq_length=max_seq_length)
     if filetype != "jsonl":

@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
-from tuneforge.data.images import MAX_IMAGES_PER_EXAMPLE
-from tuneforge.data.messages import (
+from tuneforge.data.validation.images import MAX_IMAGES_PER_EXAMPLE
+from tuneforge.data.validation.messages import (
     DECODE_ERRORS,
     Findings,
     check_content,
@@ -20,7 +20,7 @@ from tuneforge.data.messages import (
     check_messages,
     check_tools,
 )
-from tuneforge.data.report import jtype, show
+from tuneforge.data.validation.report import jtype, show
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "general": ("text",),

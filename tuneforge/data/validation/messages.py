@@ -10,8 +10,16 @@ from typing import Any
 
 import msgspec
 
-from tuneforge.data.images import MAX_IMAGES_PER_EXAMPLE, check_data_url
-from tuneforge.data.report import MESSAGE_WEIGHTS, MULTIMODAL, PARALLEL_TOOL_CALLS, REASONING, TOOLS, jtype, show
+from tuneforge.data.validation.images import MAX_IMAGES_PER_EXAMPLE, check_data_url
+from tuneforge.data.validation.report import (
+    MESSAGE_WEIGHTS,
+    MULTIMODAL,
+    PARALLEL_TOOL_CALLS,
+    REASONING,
+    TOOLS,
+    jtype,
+    show,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 # What decoding untrusted JSON raises: msgspec.DecodeError or UnicodeDecodeError (a bad byte in a string),

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from tuneforge.data.jsonl import Tally, scan
-from tuneforge.data.parallel import free_cpus, scan_parallel
-from tuneforge.data.report import ValidationReport, flags_of
-from tuneforge.data.tabular import scan_csv, scan_parquet
+from tuneforge.data.validation.jsonl import Tally, scan
+from tuneforge.data.validation.parallel import free_cpus, scan_parallel
+from tuneforge.data.validation.report import ValidationReport, flags_of
+from tuneforge.data.validation.tabular import scan_csv, scan_parquet
 from tuneforge.errors import InvalidRequestError
 
 PURPOSES = ("fine-tune", "eval", "calibration", "batch-api")

@@ -1,7 +1,7 @@
 """The fast path: msgspec typed decoding of a JSONL line, validating while it parses; "valid" or "don't know".
 
 Every doubt goes to `rules.py`, which words the error, so this must never accept what `rules.py` rejects
-(tests/unit/data fuzz this). Knows one line at a time; nothing of files or error messages.
+(tests/unit/data/validation fuzz this). Knows one line at a time; nothing of files or error messages.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from tuneforge.data.report import MESSAGE_WEIGHTS, MULTIMODAL, PARALLEL_TOOL_CALLS, REASONING, TOOLS
+from tuneforge.data.validation.report import MESSAGE_WEIGHTS, MULTIMODAL, PARALLEL_TOOL_CALLS, REASONING, TOOLS
 
 # gc=False on every struct: a decoded line is a tree (no cycles), and untracked objects are cheaper to make.
 NonEmpty = Annotated[str, Meta(min_length=1)]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from data_cases import CONV, jl
 
-from tuneforge.data import jsonl, validate_path, validate_stream
-from tuneforge.data.jsonl import iter_lines, scan
-from tuneforge.data.parallel import line_starts, scan_parallel
+from tuneforge.data import validate_path, validate_stream
+from tuneforge.data.validation import jsonl
+from tuneforge.data.validation.jsonl import iter_lines, scan
+from tuneforge.data.validation.parallel import line_starts, scan_parallel
 from tuneforge.errors import InvalidRequestError
 
 BAD_ROLE = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}
@@ -159,7 +160,7 @@ def test_parallel_ranges_give_the_same_report_as_one_pass(workers: int, tmp_path
 
 
 def test_a_range_child_process_answers(tmp_path: Path):
-    from tuneforge.data import parallel
+    from tuneforge.data.validation import parallel
 
     path = tmp_path / "d.jsonl"
     path.write_bytes(jl(CONV, BAD_ROLE))
@@ -174,7 +175,7 @@ def test_a_range_child_process_answers(tmp_path: Path):
 
 
 def test_validate_path_uses_the_parallel_scan_for_big_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from tuneforge.data import validate
+    from tuneforge.data.validation import validate
 
     path = tmp_path / "d.jsonl"
     _mixed_file(path, 2000)

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
-from tuneforge.data.fast import FastChecker
-from tuneforge.data.messages import Findings
-from tuneforge.data.report import Issue
-from tuneforge.data.rules import LineError, check_record, decode_line
+from tuneforge.data.validation.fast import FastChecker
+from tuneforge.data.validation.messages import Findings
+from tuneforge.data.validation.report import Issue
+from tuneforge.data.validation.rules import LineError, check_record, decode_line
 
 BLOCK_BYTES = 1 << 20  # 1 MiB reads: big enough to amortise the Python loop, small enough to stay in cache
 

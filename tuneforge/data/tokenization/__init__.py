@@ -1,0 +1,22 @@
+"""Tokenization and packing for training: chat templates, loss masks, preference pairs and best-fit packing.
+
+Token ids and labels in plain lists; knows no torch, no transformers, no storage and no jobs.
+"""
+
+from tuneforge.data.tokenization.chat import render_preview_row
+from tuneforge.data.tokenization.packing import PackedRow, pack_examples, position_ids_for
+from tuneforge.data.tokenization.preference import PreferenceExample, tokenize_preference_records
+from tuneforge.data.tokenization.tokenize import TokenizationReport, TokenizedExample, tokenize_blob, tokenize_records
+
+__all__ = [
+    "PackedRow",
+    "PreferenceExample",
+    "TokenizationReport",
+    "TokenizedExample",
+    "pack_examples",
+    "position_ids_for",
+    "render_preview_row",
+    "tokenize_blob",
+    "tokenize_preference_records",
+    "tokenize_records",
+]
