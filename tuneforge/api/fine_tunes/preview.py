@@ -31,9 +31,10 @@ from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.catalog.source import ModelSource
+from tuneforge.data.formats import detect_format
 from tuneforge.data.tokenization.chat import render_preview_row
 from tuneforge.data.tokenization.templates import adopt_training_template
-from tuneforge.data.tokenization.tokenize import SFT_FORMATS, detect_format, iter_jsonl, preview_records, train_inputs
+from tuneforge.data.tokenization.tokenize import SFT_FORMATS, iter_jsonl, preview_records, train_inputs
 from tuneforge.errors import ConflictError, InvalidRequestError
 from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore

@@ -15,13 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO
 
+from tuneforge.data.formats import MAX_LINE_BYTES, LineError, decode_line, detect_format, iter_lines
 from tuneforge.data.tokenization.chat import IGNORE, ImageContent, conversation_tokens
 from tuneforge.data.tokenization.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
-from tuneforge.data.validation.jsonl import iter_lines
-from tuneforge.data.validation.rules import FORMATS, LineError, decode_line
 
 SFT_FORMATS = ("general", "conversation", "instruction")
-MAX_LINE_BYTES = 150 * 2**20  # as the validator's default
 _BATCH = 512  # records tokenized per call for the plain-text formats
 
 # Drop reasons (keys of `TokenizationReport.dropped_reasons`).
@@ -87,16 +85,6 @@ class TokenizationReport:
         self.masked_tokens += len(example.input_ids) - trained
         self.truncated += example.truncated
         out.append(example)
-
-
-def detect_format(record: Any) -> str | None:
-    """The dataset format whose required keys the record has (contract 2.4), or None."""
-    if not isinstance(record, dict):
-        return None
-    for name, keys in FORMATS.items():
-        if all(k in record for k in keys):
-            return name
-    return None
 
 
 def train_inputs(train_on_inputs: bool | str, dataset_format: str) -> bool:
