@@ -19,7 +19,7 @@ from together.types import FineTunePreviewResponse
 from tuneforge.catalog import background
 from tuneforge.catalog.entries import ModelEntry, ModelLimits
 from tuneforge.catalog.source import safe_name
-from tuneforge.data.tokenization.chat import IGNORE
+from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.store import files as files_repo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,8 +12,7 @@ from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tuneforge.data.tokenization.chat import IGNORE
-from tuneforge.data.tokenization.tokenize import TokenizedExample
+from tuneforge.data.tokenization.examples import IGNORE, TokenizedExample
 
 
 @dataclass

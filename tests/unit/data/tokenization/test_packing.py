@@ -8,9 +8,8 @@ from collections import Counter
 
 import pytest
 
-from tuneforge.data.tokenization.chat import IGNORE
+from tuneforge.data.tokenization.examples import IGNORE, TokenizedExample
 from tuneforge.data.tokenization.packing import PackedRow, pack_examples, packing_efficiency, position_ids_for
-from tuneforge.data.tokenization.tokenize import TokenizedExample
 
 
 def _examples(n: int, max_len: int, seed: int = 0) -> list[TokenizedExample]:

@@ -9,12 +9,12 @@ import os
 import pytest
 
 from tuneforge.data.tokenization.chat import (
-    IGNORE,
     TemplateMismatch,
     conversation_tokens,
     normalize_messages,
     trained_spans,
 )
+from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.data.tokenization.tokenize import tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
