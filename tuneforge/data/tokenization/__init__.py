@@ -5,7 +5,7 @@ Token ids and labels in plain lists; knows no torch, no transformers, no storage
 
 from tuneforge.data.tokenization.chat import render_preview_row
 from tuneforge.data.tokenization.examples import TokenizationReport, TokenizedExample
-from tuneforge.data.tokenization.packing import PackedRow, pack_examples, position_ids_for
+from tuneforge.data.tokenization.packing import PackedRow, pack_examples
 from tuneforge.data.tokenization.preference import PreferenceExample, tokenize_preference_records
 from tuneforge.data.tokenization.tokenize import tokenize_blob, tokenize_records
 
@@ -15,7 +15,6 @@ __all__ = [
     "TokenizationReport",
     "TokenizedExample",
     "pack_examples",
-    "position_ids_for",
     "render_preview_row",
     "tokenize_blob",
     "tokenize_preference_records",

@@ -119,18 +119,3 @@ def _sequence_lengths(example: TokenizedExample) -> list[int]:
         return [n]
     starts = [0] + [j for j in range(1, n) if pos[j] == 0]
     return [b - a for a, b in zip(starts, [*starts[1:], n], strict=True)]
-
-
-def position_ids_for(seq_lens: Sequence[int]) -> list[int]:
-    """Position ids that restart at 0 for each sequence: [3, 2] -> [0, 1, 2, 0, 1]."""
-    out: list[int] = []
-    for n in seq_lens:
-        out.extend(range(n))
-    return out
-
-
-def packing_efficiency(rows: Sequence[PackedRow], max_seq_length: int) -> float:
-    """The share of row slots that hold tokens (1.0: every row full)."""
-    if not rows:
-        return 0.0
-    return sum(len(r.input_ids) for r in rows) / (len(rows) * max_seq_length)
