@@ -19,11 +19,12 @@ from tuneforge.errors import InvalidRequestError, NotFoundError
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import final_prefix
 from tuneforge.store import jobs as repo
+from tuneforge.store.files import STILL_CHECKING, FileProcessingStatus
 from tuneforge.store.tables import FileRow, JobRow
 
 SFT_FORMATS = frozenset({"general", "conversation", "instruction", "parquet"})
 DPO_FORMATS = frozenset({"preference_openai"})
-_CHECKING = (None, "PENDING", "QUEUED", "RUNNING")
+_CHECKING = (None, *STILL_CHECKING)
 
 
 class Problems:
@@ -185,7 +186,7 @@ def check_file(p: Problems, row: FileRow, *, param: str, method: str, entry: Mod
             "retry once it is COMPLETED",
         )
         return
-    if row.processing_status != "COMPLETED":
+    if row.processing_status != FileProcessingStatus.COMPLETED:
         why = report.get("error") or report.get("processing_error") or "see its validation_report"
         p.add(param, f"{param} {row.id} is invalid ({row.processing_status}): {why}")
         return
