@@ -148,7 +148,7 @@ def main() -> None:
     from together.lib.utils.files import check_file as sdk_check_file
 
     from tuneforge.data import validate_path
-    from tuneforge.data.parallel import free_cpus
+    from tuneforge.data.validation.parallel import free_cpus
 
     folder = None
     if args.path is None:

@@ -1,12 +1,10 @@
-"""Prefixed identifiers (`file-<uuid4>`, `ft-<uuid4>`, API keys) and their shapes."""
+"""Prefixed identifiers: `file-<uuid4>`, `ft-<uuid4>`, key and upload ids, and secret API keys."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import uuid
 
-FILE_ID_RE = re.compile(r"^file-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 API_KEY_PREFIX = "tf-"
 
 
@@ -30,6 +28,3 @@ def new_api_key() -> str:
     """A fresh secret API key: 256 bits of randomness behind a recognisable prefix."""
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
-
-def is_file_id(value: str) -> bool:
-    return bool(FILE_ID_RE.match(value))

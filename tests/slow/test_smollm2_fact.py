@@ -31,7 +31,7 @@ from ft_support import (
     upload_ready,
 )
 
-from tuneforge.data.tokenize import tokenize_records
+from tuneforge.data.tokenization.tokenize import tokenize_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -56,6 +56,7 @@ def run_demo(*, home: Path | None = None, port: int = 0) -> int:
 
     from tuneforge.data import check_file, render_text
     from tuneforge.store import open_database
+    from tuneforge.store.files import STILL_CHECKING, FileProcessingStatus
     from tuneforge.store.keys import create_key
 
     settings = Settings(home=home) if home is not None else Settings()
@@ -115,7 +116,7 @@ def run_demo(*, home: Path | None = None, port: int = 0) -> int:
         _say("waiting for the server's own check of the upload")
         deadline = time.monotonic() + 60
         info = client.files.retrieve(uploaded.id)
-        while info.processing_status in (None, "PENDING", "QUEUED", "RUNNING") and time.monotonic() < deadline:
+        while info.processing_status in (None, *STILL_CHECKING) and time.monotonic() < deadline:
             time.sleep(0.2)
             info = client.files.retrieve(uploaded.id)
         vr = info.validation_report
@@ -129,7 +130,7 @@ def run_demo(*, home: Path | None = None, port: int = 0) -> int:
         _say("the files this key owns")
         for f in client.files.list().data:
             print(f"{f.id}  {f.filename}  {f.bytes} bytes  {f.processing_status}")
-        if info.processing_status != "COMPLETED":
+        if info.processing_status != FileProcessingStatus.COMPLETED:
             _say("demo failed: the server did not accept the dataset")
             return 1
 

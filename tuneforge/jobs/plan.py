@@ -27,6 +27,7 @@ from tuneforge.jobs.stored_plan import plan_of
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import final_prefix
 from tuneforge.store import jobs as repo
+from tuneforge.store.files import STILL_CHECKING, FileProcessingStatus
 from tuneforge.store.tables import FileRow, JobRow
 from tuneforge.train import registry
 from tuneforge.train.spec import Hyper, InitWeights, JobPlan, WandbConfig
@@ -35,7 +36,7 @@ SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
 SFT_FORMATS = frozenset({"general", "conversation", "instruction", "parquet"})
 DPO_FORMATS = frozenset({"preference_openai"})
 METHODS = ("sft", "dpo")
-_CHECKING = (None, "PENDING", "QUEUED", "RUNNING")
+_CHECKING = (None, *STILL_CHECKING)
 _DEFAULTS = Hyper()
 
 
@@ -263,7 +264,7 @@ def check_file(p: Problems, row: FileRow, *, param: str, method: str, entry: Mod
         p.add(param, f"{param} {row.id} is still being checked (processing_status {row.processing_status}); "
               "retry once it is COMPLETED")  # fmt: skip
         return
-    if row.processing_status != "COMPLETED":
+    if row.processing_status != FileProcessingStatus.COMPLETED:
         why = report.get("error") or report.get("processing_error") or "see its validation_report"
         p.add(param, f"{param} {row.id} is invalid ({row.processing_status}): {why}")
         return

@@ -1,8 +1,12 @@
-"""Named queries on the files table. Callers pass an owner; a file of another owner is never found."""
+"""Named queries on the files table, and the statuses of a file's server-side check.
+
+Callers pass an owner; a file of another owner is never found.
+"""
 
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import select, update
@@ -14,6 +18,25 @@ from tuneforge.store.tables import FileRow
 VISIBLE = "ready"
 # An upload that was opened but not finished: the bytes are still to come, or `/preprocess` is.
 UNFINISHED = ("uploading", "uploaded")
+
+
+class FileProcessingStatus(StrEnum):
+    """A file's `processing_status`, spelled as the together SDK's file object spells it (each name is its value).
+
+    The server's check goes QUEUED -> RUNNING -> COMPLETED | INVALID_FORMAT, or FAILED when the check itself broke;
+    PENDING is in the SDK's list too, and tuneforge never sets it. A file not yet sent to `/preprocess` has none.
+    """
+
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    INVALID_FORMAT = "INVALID_FORMAT"
+    FAILED = "FAILED"
+
+
+# The statuses of a file whose check has not ended yet.
+STILL_CHECKING = (FileProcessingStatus.PENDING, FileProcessingStatus.QUEUED, FileProcessingStatus.RUNNING)
 
 
 def insert_file(
@@ -105,22 +128,22 @@ def set_processing(
     session: Session,
     *,
     file_id: str,
-    status: str,
+    status: FileProcessingStatus,
     report: dict[str, Any] | None = None,
-    from_statuses: tuple[str | None, ...] | None = None,
+    from_statuses: tuple[FileProcessingStatus | None, ...] | None = None,
 ) -> bool:
     stmt = update(FileRow).where(FileRow.id == file_id, FileRow.state == VISIBLE)
     if from_statuses is not None:
-        stmt = stmt.where(FileRow.processing_status.in_([s for s in from_statuses if s is not None]))
-    values: dict[str, Any] = {"processing_status": status, "updated_at": time.time()}
+        stmt = stmt.where(FileRow.processing_status.in_([str(s) for s in from_statuses if s is not None]))
+    values: dict[str, Any] = {"processing_status": str(status), "updated_at": time.time()}
     if report is not None:
         values["validation_report"] = report
     result = session.execute(stmt.values(**values))
     return bool(getattr(result, "rowcount", 0))
 
 
-def files_with_processing(session: Session, *, statuses: tuple[str, ...]) -> list[FileRow]:
-    stmt = select(FileRow).where(FileRow.state == VISIBLE, FileRow.processing_status.in_(statuses))
+def files_with_processing(session: Session, *, statuses: tuple[FileProcessingStatus, ...]) -> list[FileRow]:
+    stmt = select(FileRow).where(FileRow.state == VISIBLE, FileRow.processing_status.in_([str(s) for s in statuses]))
     return list(session.scalars(stmt))
 
 

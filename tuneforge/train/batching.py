@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-IGNORE = -100
+from tuneforge.data.tokenization.examples import IGNORE
 
 
 @dataclass(frozen=True, slots=True)

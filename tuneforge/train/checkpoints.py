@@ -31,15 +31,6 @@ def write_manifest(folder: Path, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A folder's manifest, upgraded to the current format (a missing one reads as version 0, no fields)."""
-    path = folder / MANIFEST
-    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("format_version", 0)
-    data.setdefault("files", [])
-    return data
-
-
 def save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
     """Weights (safetensors, in the model's dtype; only the adapter when `model` is a peft model) plus the
     tokenizer and chat template used in training."""
@@ -105,7 +96,6 @@ __all__ = [
     "capture_rng",
     "load_resume",
     "publish",
-    "read_manifest",
     "restore_rng",
     "save_resume",
     "save_weights",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tuneforge.train.batching import IGNORE
+from tuneforge.data.tokenization.examples import IGNORE
 
 # Logits computed at once: chunk rows x vocabulary stays under this many elements (128 MB in fp32).
 CHUNK_ELEMENTS = 1 << 25

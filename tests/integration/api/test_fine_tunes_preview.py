@@ -19,7 +19,7 @@ from together.types import FineTunePreviewResponse
 from tuneforge.catalog import background
 from tuneforge.catalog.entries import ModelEntry, ModelLimits
 from tuneforge.catalog.source import safe_name
-from tuneforge.data.chat import IGNORE
+from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.store import files as files_repo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,7 +123,7 @@ def test_rows_are_exactly_what_a_job_on_the_same_file_and_model_trains_on(
 
     from tuneforge.catalog.loading import resolve_model_dir
     from tuneforge.catalog.source import ModelSource
-    from tuneforge.data.tokenize import tokenize_blob
+    from tuneforge.data.tokenization.tokenize import tokenize_blob
     from tuneforge.store import jobs as jobs_repo
 
     file_id = ft.upload(records)

@@ -55,8 +55,8 @@ def test_24_examples_in_batches_of_8_take_3_steps_an_epoch_packed_or_not(tmp_pat
 def test_packed_and_unpacked_runs_take_the_same_steps_to_the_same_weights(tmp_path, tiny_model, training_type, lr):
     """Both in fp32 (TrainSpec.dtype), even where bf16 autocast is fast: under bf16, two runs of the same math that
     only sum in another order (unpacked with and without gradient accumulation, say) differ by about 3e-3 after 6
-    steps. Every trainable tensor within atol 1e-5 / rtol 1e-4 (measured: at most 2e-7 for LoRA at lr 1e-3, 1e-6 for full
-    training at lr 1e-4, over seeds 1, 2 and 42), while training moved them 350x (LoRA) and 35x (full) further.
+    steps. Every trainable tensor within atol 1e-5 / rtol 1e-4 (measured: at most 2e-7 for LoRA at lr 1e-3, 1e-6
+    for full training at lr 1e-4, over seeds 1, 2 and 42), while training moved them 350x (LoRA) and 35x (full) further.
 
     The learning rates are small for a reason: float32 sums in another order (a packed row against padded rows) leave
     gradients equal to about 1e-7 relative, and AdamW divides each update by the root of its squared gradients, which
@@ -69,7 +69,8 @@ def test_packed_and_unpacked_runs_take_the_same_steps_to_the_same_weights(tmp_pa
     jobs = {}
     for packing in (True, False):
         name = f"ft-same-{packing:d}"
-        job = make_job(tmp_path, tiny_model, job_id=name, rows=ROWS, hyper=hyper | {"packing": packing}, dtype="fp32")
+        packed = hyper | {"packing": packing}
+        job = make_job(tmp_path, tiny_model, job_id=name, rows=ROWS, hyper=packed, dtype="fp32")
         assert run_in_process(job) == 0, job.result()
         jobs[packing] = job
     packed, unpacked = jobs[True], jobs[False]

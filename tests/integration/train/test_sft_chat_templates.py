@@ -9,7 +9,7 @@ from pathlib import Path
 
 from recipe_support import make_job, run_in_process
 
-from tuneforge.data.hf_tokenizer import CHAT_TEMPLATE_FILE
+from tuneforge.data.tokenization.hf_tokenizer import CHAT_TEMPLATE_FILE
 from tuneforge.storage.layout import final_prefix
 from tuneforge.train.dev.tiny import save_tiny_model
 

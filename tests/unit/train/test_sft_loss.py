@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneforge.train.batching import IGNORE, collate, make_row, shifted_targets
+from tuneforge.data.tokenization.examples import IGNORE
+from tuneforge.train.batching import collate, make_row, shifted_targets
 from tuneforge.train.dev.tiny import make_tiny_model
 from tuneforge.train.loss import trained_token_loss
 

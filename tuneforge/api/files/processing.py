@@ -15,6 +15,7 @@ from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore
 from tuneforge.store import Database
 from tuneforge.store import files as repo
+from tuneforge.store.files import FileProcessingStatus
 from tuneforge.store.tables import FileRow
 
 log = logging.getLogger("tuneforge.files")
@@ -34,9 +35,10 @@ class FileProcessor:
 
     def requeue_unfinished(self) -> int:
         with self._db.session() as s:
-            ids = [r.id for r in repo.files_with_processing(s, statuses=("QUEUED", "RUNNING"))]
+            unfinished = (FileProcessingStatus.QUEUED, FileProcessingStatus.RUNNING)
+            ids = [r.id for r in repo.files_with_processing(s, statuses=unfinished)]
             for file_id in ids:
-                repo.set_processing(s, file_id=file_id, status="QUEUED")
+                repo.set_processing(s, file_id=file_id, status=FileProcessingStatus.QUEUED)
         for file_id in ids:
             self.submit(file_id)
         return len(ids)
@@ -51,7 +53,7 @@ class FileProcessor:
                 if row is None or row.state != "ready":
                     return
                 file_type, purpose = row.file_type, row.purpose
-                repo.set_processing(s, file_id=file_id, status="RUNNING")
+                repo.set_processing(s, file_id=file_id, status=FileProcessingStatus.RUNNING)
             from tuneforge.api.files.service import blob_key
 
             with self._blobs.open(blob_key(file_id)) as stream:
@@ -63,7 +65,7 @@ class FileProcessor:
                     max_line_bytes=self._settings.max_line_bytes,
                 )
             wire = report.to_wire(file_id)
-            status = "COMPLETED" if report.valid else "INVALID_FORMAT"
+            status = FileProcessingStatus.COMPLETED if report.valid else FileProcessingStatus.INVALID_FORMAT
             with self._db.session() as s:
                 repo.set_processing(s, file_id=file_id, status=status, report=wire)
         except NotFoundError:
@@ -78,4 +80,4 @@ class FileProcessor:
                 "processing_error": f"the server could not check this file: {type(exc).__name__}: {exc}",
             }
             with self._db.session() as s:
-                repo.set_processing(s, file_id=file_id, status="FAILED", report=wire)
+                repo.set_processing(s, file_id=file_id, status=FileProcessingStatus.FAILED, report=wire)

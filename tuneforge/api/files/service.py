@@ -29,6 +29,7 @@ from tuneforge.storage.layout import file_key
 from tuneforge.store import Database
 from tuneforge.store import files as repo
 from tuneforge.store import jobs as jobs_repo
+from tuneforge.store.files import FileProcessingStatus
 from tuneforge.store.tables import FileRow
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -52,7 +53,7 @@ def to_public(row: FileRow) -> FilePublic:
         created_at=row.created_at,
         filename=row.filename,
         file_type=row.file_type,
-        processed=row.processing_status == "COMPLETED",
+        processed=row.processing_status == FileProcessingStatus.COMPLETED,
         purpose=row.purpose,
         processing_status=row.processing_status,
         validation_report=report,
@@ -231,7 +232,13 @@ def finalise(db: Database, *, file_id: str, owner: str) -> tuple[FileRow, bool]:
             raise InvalidRequestError(
                 f"file {file_id!r} has no content yet: PUT the bytes to the upload URL before /preprocess"
             )
-        repo.set_state(s, file_id=file_id, from_states=("uploaded",), to_state="ready", processing_status="QUEUED")
+        repo.set_state(
+            s,
+            file_id=file_id,
+            from_states=("uploaded",),
+            to_state="ready",
+            processing_status=str(FileProcessingStatus.QUEUED),
+        )
         s.refresh(row)
         return row, True
 

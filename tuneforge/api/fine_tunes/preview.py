@@ -30,9 +30,10 @@ from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.catalog.source import ModelSource
-from tuneforge.data.chat import render_preview_row
-from tuneforge.data.templates import adopt_training_template
-from tuneforge.data.tokenize import SFT_FORMATS, detect_format, iter_jsonl, preview_records, train_inputs
+from tuneforge.data.formats import detect_format
+from tuneforge.data.tokenization.chat import render_preview_row
+from tuneforge.data.tokenization.templates import adopt_training_template
+from tuneforge.data.tokenization.tokenize import SFT_FORMATS, iter_jsonl, preview_records, train_inputs
 from tuneforge.errors import ConflictError, InvalidRequestError
 from tuneforge.jobs import plan as checks
 from tuneforge.jobs import references as resolve
@@ -42,7 +43,7 @@ from tuneforge.storage.layout import file_key
 from tuneforge.store import Database
 
 if TYPE_CHECKING:
-    from tuneforge.data.hf_tokenizer import HFTokenizer
+    from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer
 
 # As Together's API: 5 rows unless asked, at most 50.
 DEFAULT_TOP_K = 5
@@ -126,7 +127,7 @@ def preview(
 def model_tokenizer(settings: Settings, blobs: BlobStore, entry: ModelEntry) -> HFTokenizer:
     """The tokenizer and chat template a training run on `entry` loads; ConflictError naming `model` until a run
     has prepared them (or when they cannot be read)."""
-    from tuneforge.data.hf_tokenizer import TokenizerFilesError
+    from tuneforge.data.tokenization.hf_tokenizer import TokenizerFilesError
 
     try:
         if entry.source_kind == "output":
@@ -194,7 +195,7 @@ def _stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
 
 @lru_cache(maxsize=8)
 def _folder_tokenizer(folder: str, stamp: Any) -> HFTokenizer:
-    from tuneforge.data.hf_tokenizer import HFTokenizer, read_folder
+    from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, read_folder
 
     tokenizer = HFTokenizer(read_folder(Path(folder)))
     adopt_training_template(tokenizer)  # as the training run does
@@ -207,7 +208,7 @@ _blob_lock = threading.Lock()
 
 def _blob_tokenizer(blobs: BlobStore, prefix: str) -> HFTokenizer:
     """An output's files never change once written (its prefix names a job), so the prefix is the cache key."""
-    from tuneforge.data.hf_tokenizer import HFTokenizer, is_tokenizer_file
+    from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, is_tokenizer_file
 
     with _blob_lock:
         if prefix in _blob_cache:

@@ -32,6 +32,7 @@ from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import file_key, final_prefix, job_prefix, tokenized_key
 from tuneforge.store import Database
 from tuneforge.store import jobs as repo
+from tuneforge.store.files import STILL_CHECKING, FileProcessingStatus
 from tuneforge.store.states import LIVE, JobStatus
 from tuneforge.store.tables import FileRow, JobRow
 
@@ -102,9 +103,9 @@ def estimate_price(
 def _unavailable(row: FileRow, prefix: str) -> UnavailableReason | None:
     status = row.processing_status
     train = prefix == "train"
-    if status in (None, "PENDING", "QUEUED", "RUNNING"):
+    if status in (None, *STILL_CHECKING):
         return "train_file_not_validated" if train else "eval_file_not_validated"
-    if status != "COMPLETED":
+    if status != FileProcessingStatus.COMPLETED:
         return "train_file_invalid" if train else "eval_file_invalid"
     if (row.validation_report or {}).get("dataset_is_multimodal"):
         return "multimodal_dataset"

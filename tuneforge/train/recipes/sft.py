@@ -27,14 +27,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.catalog.loading import download_folder, resolve_model_dir
-from tuneforge.data.templates import adopt_training_template
-from tuneforge.data.tokenize import (
+from tuneforge.data.tokenization.examples import (
     NO_TRAINED,
     NO_TRAINED_AFTER_TRUNCATION,
     TokenizationReport,
     TokenizedExample,
-    tokenize_blob,
 )
+from tuneforge.data.tokenization.templates import adopt_training_template
+from tuneforge.data.tokenization.tokenize import tokenize_blob
 from tuneforge.errors import InvalidRequestError
 from tuneforge.storage import BlobStore, open_blob_store
 from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, final_prefix, tokenized_key

@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from tuneforge.data.chat import IGNORE, render_preview_row
-from tuneforge.data.tokenize import TokenizationReport, TokenizedExample, tokenize_blob, tokenize_records
+from tuneforge.data.tokenization.chat import render_preview_row
+from tuneforge.data.tokenization.examples import IGNORE, TokenizationReport, TokenizedExample
+from tuneforge.data.tokenization.tokenize import tokenize_blob, tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 tiny = pytest.importorskip("tuneforge.train.dev.tiny")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneforge.data.report import ValidationReport
+from tuneforge.data.validation.report import ValidationReport
 
 _FLAGS = (
     ("dataset_has_message_weights", "message weights"),

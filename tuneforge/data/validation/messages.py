@@ -10,13 +10,17 @@ from typing import Any
 
 import msgspec
 
-from tuneforge.data.images import MAX_IMAGES_PER_EXAMPLE, check_data_url
-from tuneforge.data.report import MESSAGE_WEIGHTS, MULTIMODAL, PARALLEL_TOOL_CALLS, REASONING, TOOLS, jtype, show
+from tuneforge.data.formats import DECODE_ERRORS, jtype, show
+from tuneforge.data.validation.images import MAX_IMAGES_PER_EXAMPLE, check_data_url
+from tuneforge.data.validation.report import (
+    MESSAGE_WEIGHTS,
+    MULTIMODAL,
+    PARALLEL_TOOL_CALLS,
+    REASONING,
+    TOOLS,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
-# What decoding untrusted JSON raises: msgspec.DecodeError or UnicodeDecodeError (a bad byte in a string),
-# both ValueError, and RecursionError for nesting deeper than the interpreter allows.
-DECODE_ERRORS = (ValueError, RecursionError)
 _CODES = {"system": "s", "user": "u", "assistant": "a", "tool": "t"}
 _ROLE_KEYS = {
     "system": {"role", "content", "weight", "name"},

@@ -5,7 +5,6 @@ Owns how a finding is named (code -> contract rule) and shown; knows nothing of 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgspec
@@ -148,33 +147,3 @@ def flags_of(flags: int) -> dict[str, bool]:
         "has_reasoning": bool(flags & REASONING),
         "is_multimodal": bool(flags & MULTIMODAL),
     }
-
-
-def show(value: Any, limit: int = 40) -> str:
-    """A value as JSON text, cut to `limit` characters, for quoting in messages."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"nan": "NaN", "inf": "Infinity"}.get(str(value), "-Infinity")  # as the line spelled it
-    try:
-        text = msgspec.json.encode(value).decode()
-    except (TypeError, ValueError, OverflowError, RecursionError):  # NaN, huge or deeply nested values
-        text = f"<{jtype(value)}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def jtype(value: Any) -> str:
-    """The JSON name of a decoded value's type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__

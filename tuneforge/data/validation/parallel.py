@@ -15,11 +15,14 @@ from typing import BinaryIO
 
 import msgspec
 
-from tuneforge.data.jsonl import Tally, first_format, scan
+from tuneforge.data.validation.jsonl import Tally, first_format, scan
 
 log = logging.getLogger("tuneforge.data")
-_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the tuneforge package
-_CHILD = f"import sys; sys.path.insert(0, {_ROOT!r}); from tuneforge.data.parallel import worker_main; worker_main()"
+_ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding the tuneforge package
+_CHILD = (
+    f"import sys; sys.path.insert(0, {_ROOT!r}); "
+    "from tuneforge.data.validation.parallel import worker_main; worker_main()"
+)
 
 
 def free_cpus() -> int:

@@ -9,8 +9,8 @@ import pytest
 from data_cases import BAD, GOOD, Case
 
 from tuneforge.data import Issue, validate_path, validate_stream
-from tuneforge.data.jsonl import scan
-from tuneforge.data.report import RULES
+from tuneforge.data.validation.jsonl import scan
+from tuneforge.data.validation.report import RULES
 
 FLAGS = {
     "has_message_weights",

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data.chat import TemplateMismatch, conversation_tokens
+from tuneforge.data.tokenization.chat import TemplateMismatch, conversation_tokens
 
 PROBE = [
     {"role": "user", "content": "Hello there."},

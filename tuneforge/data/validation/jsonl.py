@@ -1,24 +1,18 @@
-"""Scanning a JSONL byte stream: 1 MiB binary blocks split on b"\\n", bounded memory, the fast path first.
+"""Scanning a JSONL byte stream: its lines (read by `formats.iter_lines`) in bounded memory, the fast path first.
 
-Owns line numbering, over-long lines, the per-range `Tally` and its in-order merge; applies the rules
+Owns line numbering, the over-long-line error, the per-range `Tally` and its in-order merge; applies the rules
 (`fast.py`, then `rules.py`) without holding any. Knows nothing of paths or processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import msgspec
 
-from tuneforge.data.fast import FastChecker
-from tuneforge.data.messages import Findings
-from tuneforge.data.report import Issue
-from tuneforge.data.rules import LineError, check_record, decode_line
-
-BLOCK_BYTES = 1 << 20  # 1 MiB reads: big enough to amortise the Python loop, small enough to stay in cache
-
-Read = Callable[[int], bytes]
-Line = bytes | memoryview
+from tuneforge.data.formats import LineError, Read, decode_line, iter_lines
+from tuneforge.data.validation.fast import FastChecker
+from tuneforge.data.validation.messages import Findings
+from tuneforge.data.validation.report import Issue
+from tuneforge.data.validation.rules import check_record
 
 
 class Tally(msgspec.Struct):
@@ -72,58 +66,6 @@ class Tally(msgspec.Struct):
 def _shift(issue: Issue, offset: int) -> Issue:
     line = None if issue.line is None else issue.line + offset
     return Issue(line, issue.field, issue.message, issue.code)
-
-
-def iter_lines(read: Read, max_line_bytes: int, counter: Tally | None = None) -> Iterator[Line | None]:
-    """Yield each line without its newline; None stands for a line over `max_line_bytes`, which is skipped.
-
-    Lines inside a block come as memoryview slices (no copy). Memory stays under `max_line_bytes` plus
-    one block: an over-long line is dropped as it is read.
-    """
-    parts: list[bytes] = []  # the pieces of the line still open at the end of the last block
-    held = 0
-    skipping = False  # the open line is too long, already reported, and discarded up to its newline
-    while True:
-        block = read(BLOCK_BYTES)
-        if not block:
-            break
-        if counter is not None:
-            counter.bytes += len(block)
-        find = block.find
-        nl = find(b"\n")
-        if nl < 0:
-            if not skipping:
-                held += len(block)
-                if held > max_line_bytes:
-                    parts, held, skipping = [], 0, True
-                    yield None
-                else:
-                    parts.append(block)
-            continue
-        view = memoryview(block)
-        if skipping:
-            skipping = False
-        elif parts:
-            if held + nl > max_line_bytes:
-                yield None
-            else:
-                parts.append(block[:nl])
-                yield b"".join(parts)
-        else:
-            yield view[:nl] if nl <= max_line_bytes else None
-        pos = nl + 1
-        nl = find(b"\n", pos)
-        while nl >= 0:
-            yield view[pos:nl] if nl - pos <= max_line_bytes else None
-            pos = nl + 1
-            nl = find(b"\n", pos)
-        tail = block[pos:]
-        parts, held = ([tail], len(tail)) if tail else ([], 0)
-        if held > max_line_bytes:
-            parts, held, skipping = [], 0, True
-            yield None
-    if parts:
-        yield b"".join(parts)
 
 
 def scan(

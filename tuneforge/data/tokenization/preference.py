@@ -11,15 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from tuneforge.data.chat import ImageContent, prompt_and_reply
-from tuneforge.data.tokenize import (
-    IMAGES,
-    MALFORMED,
-    NO_TRAINED,
-    TokenizationReport,
-    iter_jsonl,
-)
-from tuneforge.data.tokenizer import Tokenizer
+from tuneforge.data.tokenization.chat import ImageContent, prompt_and_reply
+from tuneforge.data.tokenization.examples import IMAGES, MALFORMED, NO_TRAINED, TokenizationReport
+from tuneforge.data.tokenization.tokenize import iter_jsonl
+from tuneforge.data.tokenization.tokenizer import Tokenizer
 
 PROMPT_TOO_LONG = "prompt_too_long"  # the prompt leaves no room for a completion within max_seq_length
 

@@ -10,7 +10,7 @@ from data_cases import BAD, CONTRACT_2_5_RULES, GOOD, Case, jl
 from together.lib.utils.files import check_file as sdk_check_file
 
 from tuneforge.data import check_file, render_text, validate_path
-from tuneforge.data.report import RULES
+from tuneforge.data.validation.report import RULES
 
 # Structural cases beyond the good and bad tables: (name, bytes, suffix, purpose).
 STRUCTURAL = [

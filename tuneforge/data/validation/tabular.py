@@ -9,7 +9,8 @@ import csv
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from tuneforge.data.jsonl import Read, Tally, iter_lines
+from tuneforge.data.formats import Read, iter_lines
+from tuneforge.data.validation.jsonl import Tally
 
 PARQUET_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
 _BATCH_ROWS = 1 << 16

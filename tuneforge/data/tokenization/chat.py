@@ -13,9 +13,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from typing import Any
 
-from tuneforge.data.tokenizer import Tokenizer, as_ids, encode, encode_with_offsets
-
-IGNORE = -100  # the label of a token that is not trained (the loss's ignore_index)
+from tuneforge.data.tokenization.examples import IGNORE
+from tuneforge.data.tokenization.tokenizer import Tokenizer, as_ids, encode, encode_with_offsets
 
 
 class ImageContent(ValueError):

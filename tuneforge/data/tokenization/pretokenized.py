@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO
 
-from tuneforge.data.chat import IGNORE
-from tuneforge.data.tokenize import MALFORMED, TokenizationReport, TokenizedExample, finish
+from tuneforge.data.tokenization.examples import IGNORE, MALFORMED, TokenizationReport, TokenizedExample, finish
 
 _BATCH_ROWS = 4096
 

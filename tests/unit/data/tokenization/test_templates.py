@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tuneforge.data.chat import IGNORE, TemplateMismatch, conversation_tokens
-from tuneforge.data.hf_tokenizer import CHAT_TEMPLATE_FILE, HFTokenizer, read_folder
-from tuneforge.data.templates import PROBE, adopt_training_template, masks_multi_turn, training_template
+from tuneforge.data.tokenization.chat import TemplateMismatch, conversation_tokens
+from tuneforge.data.tokenization.examples import IGNORE
+from tuneforge.data.tokenization.hf_tokenizer import CHAT_TEMPLATE_FILE, HFTokenizer, read_folder
+from tuneforge.data.tokenization.templates import PROBE, adopt_training_template, masks_multi_turn, training_template
 from tuneforge.train.dev.tiny import save_tiny_model
 
 TRL_TEMPLATES = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"

@@ -8,8 +8,14 @@ import os
 
 import pytest
 
-from tuneforge.data.chat import IGNORE, TemplateMismatch, conversation_tokens, normalize_messages, trained_spans
-from tuneforge.data.tokenize import tokenize_records
+from tuneforge.data.tokenization.chat import (
+    TemplateMismatch,
+    conversation_tokens,
+    normalize_messages,
+    trained_spans,
+)
+from tuneforge.data.tokenization.examples import IGNORE
+from tuneforge.data.tokenization.tokenize import tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 tiny = pytest.importorskip("tuneforge.train.dev.tiny")

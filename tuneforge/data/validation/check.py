@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data.report import Issue, ValidationReport
-from tuneforge.data.validate import validate_path
+from tuneforge.data.validation.report import Issue, ValidationReport
+from tuneforge.data.validation.validate import validate_path
 from tuneforge.errors import InvalidRequestError
 
 _STRUCTURAL = {"json", "line_type", "line_too_long"}

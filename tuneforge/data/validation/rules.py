@@ -1,84 +1,25 @@
-"""The reference check of one JSONL line: decoding, format detection (contract 2.4) and each format's rules (2.5).
+"""The reference check of one decoded JSONL record: which format its keys name, and that format's rules.
 
 The exact path that words every error; `fast.py` is only an accelerator that must agree with it.
-Knows one line at a time; nothing of blocks, files or processes.
+Knows one record at a time; nothing of blocks, files or processes (lines are decoded by `formats.py`).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import msgspec
-
-from tuneforge.data.images import MAX_IMAGES_PER_EXAMPLE
-from tuneforge.data.messages import (
-    DECODE_ERRORS,
+from tuneforge.data.formats import FORMATS, jtype, matching_formats, show
+from tuneforge.data.validation.images import MAX_IMAGES_PER_EXAMPLE
+from tuneforge.data.validation.messages import (
     Findings,
     check_content,
     check_message,
     check_messages,
     check_tools,
 )
-from tuneforge.data.report import jtype, show
 
-FORMATS: dict[str, tuple[str, ...]] = {
-    "general": ("text",),
-    "conversation": ("messages",),
-    "instruction": ("prompt", "completion"),
-    "preference_openai": ("input", "preferred_output", "non_preferred_output"),
-}
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {"conversation": ("tools",)}
 _EXPECTED = "text | messages | prompt+completion | input+preferred_output+non_preferred_output"
-
-
-class LineError(Exception):
-    """A line that is not a JSON object; `code` is utf8, json or line_type."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def decode_line(line: bytes | memoryview) -> dict[str, Any] | None:
-    """Decode one line into a JSON object, or None for a blank line.
-
-    Raises:
-        LineError: the line is not UTF-8, not JSON, or not a JSON object.
-    """
-    try:
-        value = msgspec.json.decode(line)
-    except DECODE_ERRORS:
-        value = _decode_like_the_sdk(line)
-        if value is None:
-            return None
-    if not isinstance(value, dict):
-        raise LineError("line_type", f"each line must be a JSON object, got {jtype(value)} {show(value, 30)}")
-    return value
-
-
-def _decode_like_the_sdk(line: bytes | memoryview) -> Any:
-    # The SDK decodes text and uses Python's json on the str.strip()-ed line; doing the same here keeps us
-    # from rejecting what it accepts (NaN, lone surrogate escapes, Unicode-whitespace-only lines).
-    try:
-        text = str(line, "utf-8")
-    except UnicodeDecodeError as exc:
-        raise LineError(
-            "utf8", f"not valid UTF-8: byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line"
-        ) from None
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise LineError("json", "not valid JSON here: nested too deeply (more than about 1,000 levels)") from None
-    except ValueError as exc:
-        hint = "; the file starts with a UTF-8 byte order mark, save it without one" if text[0] == "\ufeff" else ""
-        msg = getattr(exc, "msg", str(exc))
-        col = getattr(exc, "colno", None)
-        raise LineError("json", f"not valid JSON: {msg}" + (f" (column {col})" if col else "") + hint) from None
 
 
 def check_record(obj: dict[str, Any], *, expected: str | None, found: Findings) -> str | None:
@@ -92,7 +33,7 @@ def check_record(obj: dict[str, Any], *, expected: str | None, found: Findings) 
     Returns:
         The record's format, or None when it cannot be determined (then nothing more is checked).
     """
-    matched = [name for name, keys in FORMATS.items() if all(k in obj for k in keys)]
+    matched = matching_formats(obj)
     if not matched:
         found.error(
             None, f"could not detect the dataset format: keys {_keys(obj)}; expected {_EXPECTED}{_near(obj)}", "format"

@@ -10,16 +10,16 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from tuneforge.data.jsonl import Tally, scan
-from tuneforge.data.parallel import free_cpus, scan_parallel
-from tuneforge.data.report import ValidationReport, flags_of
-from tuneforge.data.tabular import scan_csv, scan_parquet
+from tuneforge.data.formats import MAX_LINE_BYTES
+from tuneforge.data.validation.jsonl import Tally, scan
+from tuneforge.data.validation.parallel import free_cpus, scan_parallel
+from tuneforge.data.validation.report import ValidationReport, flags_of
+from tuneforge.data.validation.tabular import scan_csv, scan_parquet
 from tuneforge.errors import InvalidRequestError
 
 PURPOSES = ("fine-tune", "eval", "calibration", "batch-api")
 FILETYPES = {".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 MAX_FILE_BYTES = int(50.1 * 2**30)
-DEFAULT_MAX_LINE_BYTES = 150 * 2**20
 # Below this size a child process costs more (its start-up, ~0.1 s) than it saves.
 PARALLEL_MIN_BYTES = 48 * 2**20
 
@@ -30,7 +30,7 @@ def validate_stream(
     filetype: str,
     purpose: str = "fine-tune",
     max_errors: int = 20,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> ValidationReport:
     """Validate a dataset read from a binary stream, in bounded memory.
 
@@ -69,7 +69,7 @@ def validate_path(
     *,
     purpose: str = "fine-tune",
     max_errors: int = 20,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    max_line_bytes: int = MAX_LINE_BYTES,
     workers: int | None = None,
 ) -> ValidationReport:
     """Validate a dataset file; the file type comes from its suffix (.jsonl, .parquet, .csv).

@@ -7,8 +7,12 @@ import os
 
 import pytest
 
-from tuneforge.data.chat import prompt_ids
-from tuneforge.data.preference import PreferenceExample, tokenize_preference_blob, tokenize_preference_records
+from tuneforge.data.tokenization.chat import prompt_ids
+from tuneforge.data.tokenization.preference import (
+    PreferenceExample,
+    tokenize_preference_blob,
+    tokenize_preference_records,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 tiny = pytest.importorskip("tuneforge.train.dev.tiny")

@@ -1,8 +1,9 @@
 """SFT tokenization: validated records (or a stored JSONL / parquet blob) -> `TokenizedExample`s and a report.
 
-Owns the per-format rules (which tokens are trained, contract 3.4's `train_on_inputs`), truncation and the drop
-reasons. Conversations go through `chat.py`; parquet rows through `pretokenized.py`. Knows nothing of torch,
-transformers, packing, storage or jobs; the tokenizer is duck-typed (`tokenizer.py`).
+Owns the per-format rules (which tokens are trained, contract 3.4's `train_on_inputs`) and reading a stored file;
+examples are cut and kept or dropped by `examples.py`. Conversations go through `chat.py`; parquet rows through
+`pretokenized.py`. Knows nothing of torch, transformers, packing, storage or jobs; the tokenizer is duck-typed
+(`tokenizer.py`).
 
 Instruction records (`prompt`/`completion`) are rendered as raw text, not through the chat template: bos when the
 tokenizer adds one by default, the prompt's tokens, the completion's tokens, eos. Prompt and completion are
@@ -12,91 +13,24 @@ tokenized separately, so the prompt's tokens are exactly those `/completions` wi
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO
 
-from tuneforge.data.chat import IGNORE, ImageContent, conversation_tokens
-from tuneforge.data.jsonl import iter_lines
-from tuneforge.data.rules import FORMATS, LineError, decode_line
-from tuneforge.data.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
+from tuneforge.data.formats import MAX_LINE_BYTES, LineError, decode_line, detect_format, iter_lines
+from tuneforge.data.tokenization.chat import ImageContent, conversation_tokens
+from tuneforge.data.tokenization.examples import (
+    EMPTY,
+    IGNORE,
+    IMAGES,
+    MALFORMED,
+    TokenizationReport,
+    TokenizedExample,
+    finish,
+)
+from tuneforge.data.tokenization.pretokenized import read_parquet
+from tuneforge.data.tokenization.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
 
 SFT_FORMATS = ("general", "conversation", "instruction")
-MAX_LINE_BYTES = 150 * 2**20  # as the validator's default
 _BATCH = 512  # records tokenized per call for the plain-text formats
-
-# Drop reasons (keys of `TokenizationReport.dropped_reasons`).
-EMPTY = "empty"
-NO_TRAINED = "no_trained_tokens"
-NO_TRAINED_AFTER_TRUNCATION = "no_trained_tokens_after_truncation"
-MALFORMED = "malformed"  # a record that does not have its format's shape (the validator should have refused it)
-IMAGES = "images"  # image parts: a text tokenizer cannot render them
-
-
-@dataclass
-class TokenizedExample:
-    """One training sequence. `labels` is as long as `input_ids`; IGNORE (-100) marks a token that is not trained.
-
-    `position_ids` is set only for pre-tokenized rows that brought their own; where it restarts at 0 a new
-    sequence begins (packing keeps those sequences apart).
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
-    position_ids: list[int] | None = None
-
-    @property
-    def num_trained(self) -> int:
-        return len(self.labels) - self.labels.count(IGNORE)
-
-
-@dataclass
-class TokenizationReport:
-    """What tokenizing a dataset gave. Token counts cover the kept examples; `truncated` counts kept examples that
-    were cut at `max_seq_length` (those dropped after the cut are under `dropped_reasons`)."""
-
-    examples: int = 0
-    trained_tokens: int = 0
-    masked_tokens: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    dropped_reasons: dict[str, int] = field(default_factory=dict)
-    format: str = ""
-    # The last example dropped for having no trained token, as cut: a preview shows it (it is not in `to_dict`).
-    last_untrained: TokenizedExample | None = field(default=None, repr=False, compare=False)
-
-    def trained_share(self) -> float:
-        """trained / (trained + masked), 0.0 when there are no tokens."""
-        total = self.trained_tokens + self.masked_tokens
-        return self.trained_tokens / total if total else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "last_untrained"}
-        out["dropped_reasons"] = dict(sorted(self.dropped_reasons.items()))
-        out["trained_share"] = round(self.trained_share(), 6)
-        return out
-
-    def drop(self, reason: str) -> None:
-        self.dropped += 1
-        self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
-
-    def keep(self, example: TokenizedExample, out: list[TokenizedExample]) -> None:
-        trained = example.num_trained
-        self.examples += 1
-        self.trained_tokens += trained
-        self.masked_tokens += len(example.input_ids) - trained
-        self.truncated += example.truncated
-        out.append(example)
-
-
-def detect_format(record: Any) -> str | None:
-    """The dataset format whose required keys the record has (contract 2.4), or None."""
-    if not isinstance(record, dict):
-        return None
-    for name, keys in FORMATS.items():
-        if all(k in record for k in keys):
-            return name
-    return None
 
 
 def train_inputs(train_on_inputs: bool | str, dataset_format: str) -> bool:
@@ -110,29 +44,6 @@ def train_inputs(train_on_inputs: bool | str, dataset_format: str) -> bool:
     if train_on_inputs == "auto":
         return dataset_format == "general"
     raise ValueError(f"train_on_inputs must be true, false or 'auto', got {train_on_inputs!r}")
-
-
-def finish(
-    ids: list[int], labels: list[int], max_seq_length: int, report: TokenizationReport, out: list[TokenizedExample]
-) -> None:
-    """Truncate (keeping the start), then keep the example or count why it is dropped."""
-    if not ids:
-        report.drop(EMPTY)
-        return
-    if labels[0] != IGNORE:
-        labels = [IGNORE, *labels[1:]]  # nothing predicts the first token
-    truncated = len(ids) > max_seq_length
-    if labels.count(IGNORE) == len(labels):
-        report.drop(NO_TRAINED)
-        report.last_untrained = TokenizedExample(ids[:max_seq_length], labels[:max_seq_length], truncated)
-        return
-    if truncated:
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        if labels.count(IGNORE) == len(labels):
-            report.drop(NO_TRAINED_AFTER_TRUNCATION)
-            report.last_untrained = TokenizedExample(ids, labels, truncated)
-            return
-    report.keep(TokenizedExample(ids, labels, truncated), out)
 
 
 def tokenize_records(
@@ -353,8 +264,6 @@ def tokenize_blob(
         ValueError: an unknown file type or format, or a record that cannot be rendered (see `tokenize_records`).
     """
     if filetype == "parquet":
-        from tuneforge.data.pretokenized import read_parquet
-
         return read_parquet(stream, max_seq_length=max_seq_length)
     if filetype != "jsonl":
         raise ValueError(f"cannot tokenize file type {filetype!r}; use jsonl or parquet")

@@ -11,29 +11,16 @@ from pathlib import Path
 import pytest
 from data_cases import CONV, jl
 
-from tuneforge.data import jsonl, validate_path, validate_stream
-from tuneforge.data.jsonl import iter_lines, scan
-from tuneforge.data.parallel import line_starts, scan_parallel
+from tuneforge.data import formats, validate_path, validate_stream
+from tuneforge.data.validation.jsonl import scan
+from tuneforge.data.validation.parallel import line_starts, scan_parallel
 from tuneforge.errors import InvalidRequestError
 
 BAD_ROLE = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}
 
 
-@pytest.mark.parametrize("block", [1, 2, 3, 7, 64])
-def test_iter_lines_matches_split_for_any_block_size(block: int, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(jsonl, "BLOCK_BYTES", block)
-    rng = random.Random(block)
-    for _ in range(50):
-        data = bytes(rng.choice(b"ab\n") for _ in range(rng.randint(0, 40)))
-        want = data.split(b"\n")
-        if want and want[-1] == b"":
-            want.pop()
-        got = [None if x is None else bytes(x) for x in iter_lines(io.BytesIO(data).read, 5)]
-        assert got == [x if len(x) <= 5 else None for x in want]
-
-
 def test_long_line_is_reported_and_the_next_lines_still_checked(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(jsonl, "BLOCK_BYTES", 16)
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 16)
     long_line = {"text": "x" * 500}
     data = jl({"text": "a"}, long_line, BAD_ROLE, {"text": "b"})
     report = validate_stream(io.BytesIO(data), filetype="jsonl", max_line_bytes=100)
@@ -159,7 +146,7 @@ def test_parallel_ranges_give_the_same_report_as_one_pass(workers: int, tmp_path
 
 
 def test_a_range_child_process_answers(tmp_path: Path):
-    from tuneforge.data import parallel
+    from tuneforge.data.validation import parallel
 
     path = tmp_path / "d.jsonl"
     path.write_bytes(jl(CONV, BAD_ROLE))
@@ -174,7 +161,7 @@ def test_a_range_child_process_answers(tmp_path: Path):
 
 
 def test_validate_path_uses_the_parallel_scan_for_big_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from tuneforge.data import validate
+    from tuneforge.data.validation import validate
 
     path = tmp_path / "d.jsonl"
     _mixed_file(path, 2000)

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from test_tokenize_chat import CHAT, QWEN_TEMPLATE, RUN_ON_TEMPLATE, SMOL_TEMPLATE, STRIPPING_TEMPLATE, TOOLS
 
-from tuneforge.data.chat import IGNORE
-from tuneforge.data.hf_tokenizer import HFTokenizer, TokenizerFilesError, is_tokenizer_file, read_folder
-from tuneforge.data.tokenize import iter_jsonl, preview_records, tokenize_blob, tokenize_records
+from tuneforge.data.tokenization.examples import IGNORE
+from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, TokenizerFilesError, is_tokenizer_file, read_folder
+from tuneforge.data.tokenization.tokenize import iter_jsonl, preview_records, tokenize_blob, tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 tiny = pytest.importorskip("tuneforge.train.dev.tiny")

@@ -11,7 +11,7 @@ from typing import Any
 
 from data_cases import PNG, TOOLS, a, call, img, s, tool, txt, u
 
-from tuneforge.data.jsonl import scan
+from tuneforge.data.validation.jsonl import scan
 
 SEEDS = [
     {"messages": [s(), u("hi"), a("yo", weight=1), u("more"), a("ok", weight=0)]},

@@ -1,7 +1,7 @@
 """The fast path: msgspec typed decoding of a JSONL line, validating while it parses; "valid" or "don't know".
 
 Every doubt goes to `rules.py`, which words the error, so this must never accept what `rules.py` rejects
-(tests/unit/data fuzz this). Knows one line at a time; nothing of files or error messages.
+(tests/unit/data/validation fuzz this). Knows one line at a time; nothing of files or error messages.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from tuneforge.data.report import MESSAGE_WEIGHTS, MULTIMODAL, PARALLEL_TOOL_CALLS, REASONING, TOOLS
+from tuneforge.data.formats import DECODE_ERRORS
+from tuneforge.data.validation.report import MESSAGE_WEIGHTS, MULTIMODAL, PARALLEL_TOOL_CALLS, REASONING, TOOLS
 
 # gc=False on every struct: a decoded line is a tree (no cycles), and untracked objects are cheaper to make.
 NonEmpty = Annotated[str, Meta(min_length=1)]
@@ -127,9 +128,6 @@ class _PlainRow(Struct, forbid_unknown_fields=True, gc=False):
     tools: msgspec.Raw | UnsetType = UNSET
 
 
-# What decoding untrusted JSON raises (as messages.DECODE_ERRORS): msgspec.DecodeError or UnicodeDecodeError,
-# both ValueError, and RecursionError for nesting deeper than the interpreter allows.
-_DECODE_ERRORS = (ValueError, RecursionError)
 _decode_row = msgspec.json.Decoder(_Row).decode
 _decode_plain = msgspec.json.Decoder(_PlainRow).decode
 _decode_tools = msgspec.json.Decoder(list[_ToolDef]).decode
@@ -170,7 +168,7 @@ class FastChecker:
         if self._plain_first and (expected is None or expected == "conversation"):
             try:
                 prow = _decode_plain(line)
-            except _DECODE_ERRORS:
+            except DECODE_ERRORS:
                 self._misses += 1
                 self._plain_first = self._misses < 2
             else:
@@ -192,7 +190,7 @@ class FastChecker:
                 return _CONVERSATION[flags]
         try:
             row = _decode_row(line)
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             return None
         if row.messages is UNSET:
             fmt = _flat_format(row)
@@ -219,7 +217,7 @@ class FastChecker:
                     for call in calls:
                         try:
                             _check_json(call.function.arguments)
-                        except _DECODE_ERRORS:
+                        except DECODE_ERRORS:
                             return None
                     flags |= TOOLS | PARALLEL_TOOL_CALLS if len(calls) > 1 else TOOLS
                 elif content is None:
@@ -245,7 +243,7 @@ class FastChecker:
         if flags is None:
             try:
                 flags = TOOLS if _decode_tools(text) else 0
-            except _DECODE_ERRORS:
+            except DECODE_ERRORS:
                 flags = -1
             if len(self._tool_lists) < _TOOL_LISTS_CACHED and len(text) <= _TOOL_LIST_BYTES_CACHED:
                 self._tool_lists[text] = flags
