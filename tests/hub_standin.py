@@ -336,6 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(parts.path), parse_qs(parts.query)
         auth = self.headers.get("Authorization")
         status = 500
+        self._logged = False
+        self._asked = (path, query, auth)
         try:
             status = self._route(parts.path, query, auth, head=head)
         except HubError as exc:
@@ -347,6 +349,13 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
+            self._log(status)  # what was not answered (a dropped connection, a bug here) is logged too
+
+    def _log(self, status: int) -> None:
+        """Log this request once, with the status it got."""
+        if not self._logged:
+            self._logged = True
+            path, query, auth = self._asked
             self.standin._record(Request(self.command, path, query, auth, self.listener, status))
 
     def _route(self, raw_path: str, query: dict[str, list[str]], auth: str | None, *, head: bool) -> int:
@@ -400,6 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, data, "application/octet-stream", headers, head=head)
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str], *, head: bool) -> int:
+        self._log(status)  # before the answer goes out: a client that got it finds the request in the log
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
