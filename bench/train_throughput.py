@@ -62,7 +62,7 @@ from tuneforge.catalog.loading import resolve_model_dir
 from tuneforge.storage import open_blob_store
 from tuneforge.train.events import EventWriter
 from tuneforge.train.hardware import bf16_is_fast, compute_dtype, set_threads
-from tuneforge.train.spec import Hyper, ModelSource, TrainSpec
+from tuneforge.train.spec import Hyper, ModelSource, TrainSpec, standalone_plan
 
 _VOCABULARY = (
     "the of and to in is that for it as was with be by on not this are or from at which but have an they you were "
@@ -242,11 +242,11 @@ def run_ours(
     blobs = open_blob_store(str(tmp / "blobs"))
     with blobs.writer("files/bench") as w:
         w.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    plan = standalone_plan(model, Hyper(max_seq_length=seq, learning_rate=1e-4, n_epochs=1))
     spec = TrainSpec(
-        job_id="ft-bench", model=model, storage_url=str(tmp / "blobs"), cache_dir=cache, work_dir=str(tmp / "work"),
+        job_id="ft-bench", plan=plan, storage_url=str(tmp / "blobs"), cache_dir=cache, work_dir=str(tmp / "work"),
         events_path=str(tmp / "work" / "events.jsonl"), training_file_key="files/bench", output_prefix="jobs/ft-bench",
-        output_name="bench/smollm2", hyper=Hyper(max_seq_length=seq, learning_rate=1e-4, n_epochs=1),
-        dtype=dtype,
+        output_name="bench/smollm2", dtype=dtype,
     )  # fmt: skip
     stop = threading.Event()
     out = BenchEvents(spec.events_path, stop, stop_after=1 + steps, turns=turns, fail_at=fail_at)

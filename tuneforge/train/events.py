@@ -15,8 +15,9 @@ from typing import IO, Any, Literal, get_args
 
 import msgspec
 
-# Every event type a run or the worker records. The first group is the together SDK's own enum; the last two
-# name what tuneforge reports beyond it (the API shows them under the SDK's nearest type).
+# Every event type a run or the worker records: the together SDK's own enum, and `eval_complete` (an evaluation
+# on the validation file), which the SDK's generated enum lacks: the API shows it as `epoch_complete`, with
+# `tuneforge_type` saying what it is. Per-step progress is not an event: it is the metrics and the job's progress.
 EventType = Literal[
     "job_pending", "job_start", "job_stopped", "model_downloading", "model_download_complete",
     "training_data_downloading", "training_data_download_complete", "validation_data_downloading",
@@ -24,8 +25,7 @@ EventType = Literal[
     "epoch_complete", "training_complete", "model_compressing", "model_compression_complete", "model_uploading",
     "model_upload_complete", "job_complete", "job_error", "cancel_requested", "job_restarted", "refund", "warning",
     "early_stopped", "tokenized_dataset_upload_complete",
-    "step_report",  # "Step 40/200: loss …", every few steps
-    "eval_complete",  # an evaluation on the validation file
+    "eval_complete",
 ]  # fmt: skip
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 Level = Literal["info", "warning", "error"]

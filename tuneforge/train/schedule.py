@@ -86,9 +86,3 @@ def evenly_spaced(count: int, total_steps: int) -> list[int]:
 def checkpoint_steps(n_checkpoints: int, total_steps: int) -> list[int]:
     """Intermediate checkpoint steps: `n_checkpoints` evenly spaced, minus the last, which is the final output."""
     return [s for s in evenly_spaced(n_checkpoints, total_steps) if s < total_steps]
-
-
-def report_steps(total_steps: int, *, target: int = 15) -> set[int]:
-    """Steps worth a human-readable progress event: about `target` of them, always the first and the last."""
-    every = max(1, math.ceil(total_steps / target))
-    return {s for s in range(1, total_steps + 1) if s % every == 0} | {1, total_steps}

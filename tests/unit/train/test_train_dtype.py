@@ -11,7 +11,7 @@ from tuneforge.settings import Settings
 from tuneforge.store.tables import JobRow
 from tuneforge.train import hardware
 from tuneforge.train.hardware import compute_dtype
-from tuneforge.train.spec import ModelSource, TrainSpec, load_spec
+from tuneforge.train.spec import Hyper, ModelSource, TrainSpec, load_spec, standalone_plan
 
 CPU = torch.device("cpu")
 
@@ -43,16 +43,18 @@ def test_the_setting_reads_its_environment_variable_and_refuses_other_values(mon
 @pytest.mark.parametrize("dtype", ["auto", "fp32", "bf16"])
 def test_build_spec_carries_the_setting_into_the_spec(tmp_path, dtype):
     settings = Settings(home=tmp_path, train_dtype=dtype)
+    plan = standalone_plan(ModelSource(name="m", source_kind="local", source="/m"), Hyper())
     job = JobRow(id="ft-1", owner="alice", status="queued", model="m", output_name="alice/m-x",
-                 training_file="file-1", validation_file=None, request_hash="h", secrets={},
-                 params={"model_source": {"name": "m", "source_kind": "local", "source": "/m"}})  # fmt: skip
-    spec = build_spec(job, settings=settings, attempt=0, training_file_type="jsonl", resume_from=None)
+                 training_file=plan.training_file, validation_file=None, request_hash="h", secrets={},
+                 params=plan.to_builtins())  # fmt: skip
+    spec = build_spec(job, plan, settings=settings, attempt=0, resume_from=None)
     assert spec.dtype == dtype
     assert load_spec(spec.to_json()).dtype == dtype
 
 
 def test_a_spec_without_dtype_is_auto_and_an_unknown_dtype_is_refused():
-    spec = TrainSpec(job_id="ft-1", model=ModelSource(name="m", source_kind="local", source="/m"), storage_url="/b",
+    plan = standalone_plan(ModelSource(name="m", source_kind="local", source="/m"), Hyper())
+    spec = TrainSpec(job_id="ft-1", plan=plan, storage_url="/b",
                      cache_dir="/c", work_dir="/w", events_path="/w/e.jsonl", training_file_key="files/f",
                      output_prefix="jobs/ft-1", output_name="alice/m-x")  # fmt: skip
     raw = msgspec.json.decode(spec.to_json())

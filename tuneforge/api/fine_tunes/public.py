@@ -172,7 +172,7 @@ def job_public(
 
 # tuneforge's own event types shown under the together SDK's nearest type (its enum is closed: a client with
 # strict response validation rejects any other); the exact type rides along as `tuneforge_type`.
-WIRE_EVENT_TYPE: dict[str, str] = {"step_report": "epoch_complete", "eval_complete": "epoch_complete"}
+WIRE_EVENT_TYPE: dict[str, str] = {"eval_complete": "epoch_complete"}
 
 
 def wire_event_type(type_: str) -> str:

@@ -54,7 +54,7 @@ from tuneforge.train.events import EventWriter
 from tuneforge.train.hardware import bf16_is_fast, compute_dtype, max_batch_examples, plan_memory, set_threads
 from tuneforge.train.loss import causal_lm, trained_token_loss
 from tuneforge.train.registry import Outcome
-from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler, report_steps
+from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler
 from tuneforge.train.spec import TrainSpec
 
 METHOD = "sft"
@@ -224,7 +224,6 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
     eval_at = set(evenly_spaced(hp.n_evals, total_steps)) if val_rows else set()
     ckpt_at = set(checkpoint_steps(hp.n_checkpoints, total_steps))
-    report_at = report_steps(total_steps)
     manifest_base = {
         "base_model": spec.model.name,
         "base_source": msgspec.to_builtins(spec.model),
@@ -318,9 +317,6 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             out.progress(step, total_steps, epoch=epoch_pos)
             if wandb_run is not None:
                 wandb_run.log(values, step=step)
-            if step in report_at:
-                out.event("step_report", f"Step {step}/{total_steps}: loss {loss:.3f}, lr {lr:.2e}",
-                          step=step, total_steps=total_steps)  # fmt: skip
 
             if step in eval_at:
                 beat = functools.partial(out.progress, step, total_steps, epoch=epoch_pos)
