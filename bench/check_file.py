@@ -2,7 +2,7 @@
 
 Generates a conversational JSONL file (multi-turn chats of varied length with system prompts, message weights,
 tool calls incl. parallel ones, some reasoning, some non-ASCII text), then times `tuneforge.data.validate_path`
-(every rule of contract 2.5) and `together.lib.utils.check_file` (UTF-8 + one JSON object per line) on it in
+(every rule of api-contract 2.5) and `together.lib.utils.check_file` (UTF-8 + one JSON object per line) on it in
 the same run, alternating them and keeping each one's best time. MB here means MiB (2**20 bytes).
 
     python bench/check_file.py [--mb 512] [--path FILE] [--repeat 3] [--workers N]

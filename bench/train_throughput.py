@@ -359,7 +359,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     if a.model == "tiny":
-        from tuneforge.train.dev.tiny import save_tiny_model
+        from tuneforge.train.tiny_models import save_tiny_model
 
         folder = save_tiny_model(tmp / "tiny-llama", "llama", hidden=128)
         source = ModelSource(name="tiny-llama", source_kind="local", source=str(folder))

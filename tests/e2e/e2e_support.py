@@ -1,6 +1,6 @@
 """Helpers for the end-to-end tests: a live `tuneforge serve` subprocess, the real CLIs, raw HTTP.
 
-Knows the wire contract (shared/spec/api-contract.md) and the on-disk layout of a tuneforge home
+Knows the wire contract (docs/api-contract.md) and the on-disk layout of a tuneforge home
 (`<home>/blobs/{files,uploads,.tmp}`, `<home>/upload_secret`), and never imports the server's code: the
 server is only ever reached over HTTP or through the `tuneforge` command (the one exception, in the
 bad-input tests, borrows the URL signer to mint a correctly signed URL that has already expired).
@@ -36,7 +36,7 @@ HOST = "127.0.0.1"
 FILE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TUNEFORGE_FILE_ID_RE = re.compile(r"file-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 UNFINISHED = (None, "PENDING", "QUEUED", "RUNNING")
-# The CLI talks to together.ai for telemetry and version checks unless told not to (contract 7.2).
+# The CLI talks to together.ai for telemetry and version checks unless told not to (api-contract 7.2).
 CLI_ENV = {"TOGETHER_TELEMETRY_DISABLED": "1", "TOGETHER_DISABLE_VERSION_CHECK": "1"}
 # Line of the `invalid_jsonl` fixture that breaks the server's rules (a role the contract does not allow).
 INVALID_LINE = 3
@@ -329,7 +329,7 @@ def assert_envelope(resp: httpx.Response, status: int, *fragments: str) -> dict[
 
 
 def form(**fields: str) -> dict[str, tuple[None, str]]:
-    """multipart/form-data text fields with no file part, the way the SDK sends them (contract 1.3)."""
+    """multipart/form-data text fields with no file part, the way the SDK sends them (api-contract 1.3)."""
     return {k: (None, v) for k, v in fields.items()}
 
 

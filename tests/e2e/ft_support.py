@@ -3,7 +3,7 @@ driven through the real `together` SDK and CLI, weight archives, and the trainin
 
 Builds on e2e_support (the server subprocess, keys made by the real `tuneforge keys create`). Like it, it reaches the
 server over HTTP or through the `tuneforge` command; the only package code it runs is the dev helper that writes tiny
-model folders (`tuneforge.train.dev.tiny`). To stage storage faults it touches a stored file's blob
+model folders (`tuneforge.train.tiny_models`). To stage storage faults it touches a stored file's blob
 (`<home>/blobs/files/<id>`) directly. torch, transformers and peft are imported lazily, by the helpers that load
 downloaded weights.
 
@@ -62,7 +62,7 @@ COMPLETED_LIFECYCLE = ("job_pending", "job_start", "training_start", "model_uplo
 
 def save_tiny(folder: Path, arch: str) -> Path:
     """A tiny random model with a ChatML tokenizer (~100k parameters), written by the package's dev helper."""
-    from tuneforge.train.dev.tiny import save_tiny_model
+    from tuneforge.train.tiny_models import save_tiny_model
 
     if not (folder / "config.json").is_file():
         save_tiny_model(folder, arch)

@@ -1,4 +1,4 @@
-"""Authentication and ownership against a live server (contract 6, 7): raw HTTP and the together SDK.
+"""Authentication and ownership against a live server (api-contract 6, 7): raw HTTP and the together SDK.
 
 A missing, wrong or revoked key is a 401 in the error envelope; another owner's file is a 404 that never
 shows its data, and no call of bob's can change alice's file.

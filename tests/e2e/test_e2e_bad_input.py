@@ -289,7 +289,7 @@ def assert_strictly_valid(server: LiveServer, key: str, file_id: str) -> None:
 def test_a_file_whose_check_broke_still_parses(server: LiveServer, carol_http: httpx.Client, carol_key: str) -> None:
     # Nesting deep enough to trip a recursive JSON decoder. Whatever the server makes of it (it should be
     # INVALID_FORMAT), the file object must keep to the contract: `validation_report.error_type` is
-    # "INVALID_FORMAT" or absent (contract 1.2). Anything else breaks strict clients, and breaks the
+    # "INVALID_FORMAT" or absent (api-contract 1.2). Anything else breaks strict clients, and breaks the
     # owner's whole `files.list()` for them.
     file_id = upload_raw(carol_http, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
     done = wait_processed_http(carol_http, file_id)

@@ -1,6 +1,6 @@
 """The real `together` CLI (2.42) against a live server: files upload/list/retrieve/download/delete, whoami.
 
-Every CLI command first calls `GET /v3/whoami` (contract 3.13, 7.2), so each of these also checks it.
+Every CLI command first calls `GET /v3/whoami` (api-contract 3.13, 7.2), so each of these also checks it.
 Output is asked for explicitly with `--json` / `--no-json`: the CLI's default depends on whether it
 thinks an AI agent is running it.
 """

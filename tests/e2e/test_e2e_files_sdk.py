@@ -66,7 +66,7 @@ def test_valid_dataset_is_checked_by_the_server(alice: together.Together, valid_
 def test_server_rejects_what_the_sdk_check_lets_through(
     alice: together.Together, alice_http: object, invalid_jsonl: Path
 ) -> None:
-    # Premise: the SDK's own check is structural only (contract 2.1), so this file reaches the server.
+    # Premise: the SDK's own check is structural only (api-contract 2.1), so this file reaches the server.
     assert check_file(invalid_jsonl)["is_check_passed"] is True
     f = alice.files.upload(file=invalid_jsonl, check=True)
     done = wait_processed_sdk(alice, f.id)
@@ -207,7 +207,7 @@ def test_whoami(alice: together.Together, bob: together.Together, alice_http: ob
     assert other.api_key_id != me.api_key_id
     assert other.project_id != me.project_id
 
-    # The CLI's identity call lives outside /v1 (contract 7.2).
+    # The CLI's identity call lives outside /v1 (api-contract 7.2).
     r = alice_http.get("/v3/whoami")  # type: ignore[attr-defined]
     assert r.status_code == 200, r.text
     body = r.json()

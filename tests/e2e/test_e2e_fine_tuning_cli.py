@@ -1,7 +1,7 @@
 """The real `together` CLI (2.42) drives fine-tuning on a live server: create, retrieve, list, list-events,
 list-checkpoints, download, cancel and delete, as subprocesses, checked by exit code and output.
 
-Every command first calls `GET /v3/whoami` (contract 3.13). Output is asked for explicitly with `--json` /
+Every command first calls `GET /v3/whoami` (api-contract 3.13). Output is asked for explicitly with `--json` /
 `--no-json` (the CLI's default depends on whether it thinks an AI agent runs it). Independent commands run side by
 side: each pays the CLI's start-up time of a few seconds.
 """

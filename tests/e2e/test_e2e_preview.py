@@ -1,6 +1,6 @@
-"""`client.fine_tuning.preview` and `tg fine-tuning preview` (contract 3.10) against a live server with the tiny models
-in its catalog: the rows, masked as training masks them, parsed strictly by the SDK; the CLI's table and JSON; and
-the refusals (an unknown model, another owner's or an unfinished file, a bad `top_k`, DPO, a model the server has
+"""`client.fine_tuning.preview` and `tg fine-tuning preview` (api-contract 3.10) against a live server with the tiny
+models in its catalog: the rows, masked as training masks them, parsed strictly by the SDK; the CLI's table and JSON;
+and the refusals (an unknown model, another owner's or an unfinished file, a bad `top_k`, DPO, a model the server has
 not prepared yet), each naming its parameter.
 
 No job is run: the preview reads the model's tokenizer files and the stored training file only.

@@ -14,7 +14,7 @@ SOURCE_KINDS: tuple[str, ...] = ("hub", "local", "gguf", "gguf-package", "output
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What a job on this model may ask for (contract 3.2 is built from this)."""
+    """What a job on this model may ask for (api-contract 3.2 is built from this)."""
 
     max_seq_length: int = 2048
     min_seq_length: int = 32

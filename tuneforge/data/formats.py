@@ -28,6 +28,11 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "instruction": ("prompt", "completion"),
     "preference_openai": ("input", "preferred_output", "non_preferred_output"),
 }
+# What each training method reads, by a file's detected format: SFT tokenizes the three text formats and reads
+# pre-tokenized parquet as it is; DPO reads preference pairs.
+SFT_FORMATS: tuple[str, ...] = ("general", "conversation", "instruction")
+PRETOKENIZED_FORMAT = "parquet"
+PREFERENCE_FORMATS: tuple[str, ...] = ("preference_openai",)
 
 Read = Callable[[int], bytes]
 Line = bytes | memoryview

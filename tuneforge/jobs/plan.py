@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from tuneforge.catalog.entries import ModelEntry, ModelLimits
 from tuneforge.catalog.registry import Catalog
 from tuneforge.catalog.source import ModelSource
+from tuneforge.data.formats import PREFERENCE_FORMATS, PRETOKENIZED_FORMAT, SFT_FORMATS
 from tuneforge.errors import InvalidRequestError, NotFoundError
 from tuneforge.jobs import references as refs
 from tuneforge.jobs.request import FineTuneCreate, TrainingMethodIn, TrainingTypeIn
@@ -33,8 +34,6 @@ from tuneforge.train import registry
 from tuneforge.train.spec import Hyper, InitWeights, JobPlan, WandbConfig
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
-SFT_FORMATS = frozenset({"general", "conversation", "instruction", "parquet"})
-DPO_FORMATS = frozenset({"preference_openai"})
 METHODS = ("sft", "dpo")
 _CHECKING = (None, *STILL_CHECKING)
 _DEFAULTS = Hyper()
@@ -269,10 +268,10 @@ def check_file(p: Problems, row: FileRow, *, param: str, method: str, entry: Mod
         p.add(param, f"{param} {row.id} is invalid ({row.processing_status}): {why}")
         return
     fmt = format_of(row)
-    if method == "sft" and fmt not in SFT_FORMATS:
+    if method == "sft" and fmt not in (*SFT_FORMATS, PRETOKENIZED_FORMAT):
         p.add(param, f"{param} {row.id} holds {fmt or 'unknown'} data, which does not suit SFT"
-              + (" (preference data is for training_method dpo)" if fmt in DPO_FORMATS else ""))  # fmt: skip
-    if method == "dpo" and fmt not in DPO_FORMATS:
+              + (" (preference data is for training_method dpo)" if fmt in PREFERENCE_FORMATS else ""))  # fmt: skip
+    if method == "dpo" and fmt not in PREFERENCE_FORMATS:
         p.add(param, f"{param} {row.id} holds {fmt or 'unknown'} data; DPO needs preference data "
               "(input, preferred_output, non_preferred_output)")  # fmt: skip
     if report.get("dataset_has_tools") and not entry.limits.supports_tools:

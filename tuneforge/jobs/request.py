@@ -51,7 +51,7 @@ class MultimodalParamsIn(_Lenient):
 
 
 class FineTuneCreate(_Lenient):
-    """The body of `POST /fine-tunes` (contract 3.4). `None` means "not sent"; defaults are applied later."""
+    """The body of `POST /fine-tunes` (api-contract 3.4). `None` means "not sent"; defaults are applied later."""
 
     training_file: str
     validation_file: str | None = None

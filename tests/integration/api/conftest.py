@@ -72,7 +72,7 @@ class FT:
 
     @staticmethod
     def sdk_body(training_file: str, /, **changes: Any) -> dict[str, Any]:
-        """The exact body `client.fine_tuning.create(training_file=..., model=...)` sends (contract 3.4)."""
+        """The exact body `client.fine_tuning.create(training_file=..., model=...)` sends (api-contract 3.4)."""
         body: dict[str, Any] = {
             "training_file": training_file,
             "validation_file": "",

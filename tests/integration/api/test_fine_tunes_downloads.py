@@ -1,4 +1,4 @@
-"""Weight archives with byte ranges (contract 3.12) and the signed tokenized-dataset URL (3.11)."""
+"""Weight archives with byte ranges (api-contract 3.12) and the signed tokenized-dataset URL (3.11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A job after creation (contract 3.5-3.9): list, retrieve, cancel, delete, events, checkpoints and metrics,
+"""A job after creation (api-contract 3.5-3.9): list, retrieve, cancel, delete, events, checkpoints and metrics,
 each parsed with the real SDK's models, and never visible to another owner."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model limits (contract 3.2), price estimates (3.3) and the models list (4.3)."""
+"""Model limits (api-contract 3.2), price estimates (3.3) and the models list (4.3)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""`POST /fine-tunes/preview` (contract 3.10), in process: through the real SDK, row by row against what a training
+"""`POST /fine-tunes/preview` (api-contract 3.10), in process: through the real SDK, row by row against what a training
 run tokenizes for a job created on the same file and model, and every refusal with the parameter it names.
 
-The models are tiny ones from `tuneforge.train.dev.tiny` (a ChatML BPE tokenizer), registered as `local` catalog
+The models are tiny ones from `tuneforge.train.tiny_models` (a ChatML BPE tokenizer), registered as `local` catalog
 entries; the built-in SmolLM2 stands for a model not converted yet, and its cache folder is faked to make it ready.
 """
 
@@ -23,7 +23,7 @@ from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.store import files as files_repo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-tiny = pytest.importorskip("tuneforge.train.dev.tiny")
+tiny = pytest.importorskip("tuneforge.train.tiny_models")
 
 TINY = "tiny/chatml"
 SHORT = "tiny/short"  # the same model with max_seq_length 32, for truncation

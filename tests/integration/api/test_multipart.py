@@ -1,4 +1,4 @@
-"""The multipart upload flow (contract 1.4) and its failure cases, against the real app."""
+"""The multipart upload flow (api-contract 1.4) and its failure cases, against the real app."""
 
 from __future__ import annotations
 

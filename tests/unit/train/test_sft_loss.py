@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.train.batching import collate, make_row, shifted_targets
-from tuneforge.train.dev.tiny import make_tiny_model
 from tuneforge.train.loss import trained_token_loss
+from tuneforge.train.tiny_models import make_tiny_model
 
 VOCAB = 384
 LENGTHS = (17, 33, 9, 25)

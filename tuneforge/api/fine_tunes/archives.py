@@ -1,4 +1,4 @@
-"""Weight downloads (contract 3.12): which folder a download means, a `.tar.gz` of it built once into the
+"""Weight downloads (api-contract 3.12): which folder a download means, a `.tar.gz` of it built once into the
 BlobStore (never served half-built: the BlobWriter only publishes on commit), and byte ranges of it.
 
 Knows the blob layout and HTTP ranges; knows nothing of HTTP responses or the database.

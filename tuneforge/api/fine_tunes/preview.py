@@ -1,4 +1,4 @@
-"""`POST /fine-tunes/preview` (contract 3.10): the first rows of a training file, tokenized and masked as an SFT run
+"""`POST /fine-tunes/preview` (api-contract 3.10): the first rows of a training file, tokenized and masked as an SFT run
 on the model will tokenize them.
 
 Nothing here decides a token or a label: the rows come from `data.tokenize.preview_records`, the code the training
@@ -30,10 +30,10 @@ from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.catalog.source import ModelSource
-from tuneforge.data.formats import detect_format
+from tuneforge.data.formats import SFT_FORMATS, detect_format
 from tuneforge.data.tokenization.chat import render_preview_row
 from tuneforge.data.tokenization.templates import adopt_training_template
-from tuneforge.data.tokenization.tokenize import SFT_FORMATS, iter_jsonl, preview_records, train_inputs
+from tuneforge.data.tokenization.tokenize import iter_jsonl, preview_records, train_inputs
 from tuneforge.errors import ConflictError, InvalidRequestError
 from tuneforge.jobs import plan as checks
 from tuneforge.jobs import references as resolve

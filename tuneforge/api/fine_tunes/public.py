@@ -1,4 +1,4 @@
-"""Rows -> wire objects: the job object (contract 3.5), its events (3.7), checkpoints (3.8) and metrics (3.9).
+"""Rows -> wire objects: the job object (api-contract 3.5), its events (3.7), checkpoints (3.8) and metrics (3.9).
 
 Pure shaping: callers pass every row and fact in; nothing here queries the store. Secrets never appear.
 """

@@ -38,7 +38,7 @@ __all__ = [
 
 
 class EstimatePriceRequest(_Lenient):
-    """`POST /fine-tunes/estimate-price` (contract 3.3); `""` and `null` both mean "absent"."""
+    """`POST /fine-tunes/estimate-price` (api-contract 3.3); `""` and `null` both mean "absent"."""
 
     training_file: str
     validation_file: str | None = None
@@ -51,7 +51,7 @@ class EstimatePriceRequest(_Lenient):
 
 
 class PreviewRequest(_Lenient):
-    """`POST /fine-tunes/preview` (contract 3.10). Ranges and the method are checked by the service."""
+    """`POST /fine-tunes/preview` (api-contract 3.10). Ranges and the method are checked by the service."""
 
     model: str
     training_file: str
@@ -120,7 +120,7 @@ class EstimatePricePublic(BaseModel):
 
 
 class FineTuneEventPublic(BaseModel):
-    """One event (contract 3.7); the event's data keys (step, checkpoint_path, token_count, ...) ride along."""
+    """One event (api-contract 3.7); the event's data keys (step, checkpoint_path, token_count, ...) ride along."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -141,7 +141,7 @@ class ProgressPublic(BaseModel):
 
 
 class FineTunePublic(BaseModel):
-    """The job object (contract 3.5). Every key is sent, null when unknown, so both SDK models parse it."""
+    """The job object (api-contract 3.5). Every key is sent, null when unknown, so both SDK models parse it."""
 
     id: str
     status: str

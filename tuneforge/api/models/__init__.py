@@ -1,1 +1,1 @@
-"""The models list (contract 4.3): catalog entries and the caller's fine-tuned outputs."""
+"""The models list (api-contract 4.3): catalog entries and the caller's fine-tuned outputs."""

@@ -1,4 +1,4 @@
-"""`GET /models` (contract 4.3): the catalog's models and the caller's fine-tuned outputs.
+"""`GET /models` (api-contract 4.3): the catalog's models and the caller's fine-tuned outputs.
 
 The Together SDK wants a bare JSON array, openai an `{"object": "list", "data": [...]}` envelope: the array by
 default, the envelope for a `User-Agent` starting `OpenAI/` or `?format=openai`.

@@ -1,4 +1,4 @@
-"""Wire models of `GET /models` (contract 4.3): one item shape for both SDKs; only the envelope differs."""
+"""Wire models of `GET /models` (api-contract 4.3): one item shape for both SDKs; only the envelope differs."""
 
 from __future__ import annotations
 

@@ -300,7 +300,7 @@ def trained_spans(labels: Sequence[int]) -> list[list[int]]:
 def render_preview_row(
     input_ids: Sequence[int], labels: Sequence[int], tokenizer: Tokenizer, *, truncated: bool = False
 ) -> dict[str, Any]:
-    """One row of `POST /fine-tunes/preview` (contract 3.10).
+    """One row of `POST /fine-tunes/preview` (api-contract 3.10).
 
     Returns:
         {"input_ids", "labels", "tokens", "num_tokens", "num_trained_tokens", "trained_spans", "truncated"}.

@@ -1,4 +1,4 @@
-"""DPO tokenization: preference records (contract 2.4 `preference_openai`) -> prompt, chosen and rejected token ids.
+"""DPO tokenization: preference records (api-contract 2.4 `preference_openai`) -> prompt, chosen and rejected token ids.
 
 The prompt is the input conversation through the chat template with its generation prompt; each completion is what
 the template renders for that assistant message after the prompt, through its end-of-turn token. Knows nothing of

@@ -1,4 +1,4 @@
-"""Pre-tokenized parquet rows (contract 2.4) -> `TokenizedExample`s, batch by batch; no tokenizer is involved.
+"""Pre-tokenized parquet rows (api-contract 2.4) -> `TokenizedExample`s, batch by batch; no tokenizer is involved.
 
 Rows are taken as they are, with two changes that do not alter what is trained: tokens whose `attention_mask` is 0
 (padding) are removed, and the label of each sequence's first token (position 0) is set to -100 since nothing

@@ -1,6 +1,6 @@
 """SFT tokenization: validated records (or a stored JSONL / parquet blob) -> `TokenizedExample`s and a report.
 
-Owns the per-format rules (which tokens are trained, contract 3.4's `train_on_inputs`) and reading a stored file;
+Owns the per-format rules (which tokens are trained, api-contract 3.4's `train_on_inputs`) and reading a stored file;
 examples are cut and kept or dropped by `examples.py`. Conversations go through `chat.py`; parquet rows through
 `pretokenized.py`. Knows nothing of torch, transformers, packing, storage or jobs; the tokenizer is duck-typed
 (`tokenizer.py`).
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from tuneforge.data.formats import MAX_LINE_BYTES, LineError, decode_line, detect_format, iter_lines
+from tuneforge.data.formats import MAX_LINE_BYTES, SFT_FORMATS, LineError, decode_line, detect_format, iter_lines
 from tuneforge.data.tokenization.chat import ImageContent, conversation_tokens
 from tuneforge.data.tokenization.examples import (
     EMPTY,
@@ -29,7 +29,6 @@ from tuneforge.data.tokenization.examples import (
 from tuneforge.data.tokenization.pretokenized import read_parquet
 from tuneforge.data.tokenization.tokenizer import Tokenizer, bos_prefix, encode_batch, eos_suffix
 
-SFT_FORMATS = ("general", "conversation", "instruction")
 _BATCH = 512  # records tokenized per call for the plain-text formats
 
 
@@ -60,7 +59,7 @@ def tokenize_records(
         records: decoded JSONL records.
         tokenizer: the base model's tokenizer (with a chat template for conversations).
         dataset_format: "general", "conversation" or "instruction".
-        train_on_inputs: True, False or "auto" (contract 3.4).
+        train_on_inputs: True, False or "auto" (api-contract 3.4).
         max_seq_length: longer examples are cut to this many tokens, keeping the start.
 
     Returns:

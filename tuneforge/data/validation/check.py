@@ -1,4 +1,4 @@
-"""`check_file`: the together SDK's local report dict (contract 2.2), filled in by tuneforge's full validation.
+"""`check_file`: the together SDK's local report dict (api-contract 2.2), filled in by tuneforge's full validation.
 
 Owns the mapping from a `ValidationReport` onto the SDK's keys and their meanings; checks nothing itself.
 """
@@ -17,7 +17,7 @@ _CSV = {"csv", "csv_columns", "line_too_long"}
 
 
 def check_file(path: str | Path, purpose: str = "fine-tune") -> dict[str, Any]:
-    """Check a dataset file like `together.lib.utils.check_file`, but with every rule of contract 2.5.
+    """Check a dataset file like `together.lib.utils.check_file`, but with every rule of api-contract 2.5.
 
     Args:
         path: the file; its suffix gives the file type.

@@ -1,4 +1,4 @@
-"""The reference rules for chat messages, content parts, tools and tool calls (contract 2.4-2.5), on decoded JSON.
+"""The reference rules for chat messages, content parts, tools and tool calls (api-contract 2.4-2.5), on decoded JSON.
 
 This is the slow, exact path that words every error; `fast.py` must never accept what this rejects.
 Knows one decoded record at a time; nothing of lines, files or the typed fast path.

@@ -86,7 +86,7 @@ def _near(obj: dict[str, Any]) -> str:
 
 
 def _check_instruction(obj: dict[str, Any], found: Findings) -> None:
-    # Earlier clients also accepted multimodal part lists here (contract 2.4); images only in the prompt.
+    # Earlier clients also accepted multimodal part lists here (api-contract 2.4); images only in the prompt.
     images = 0
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = obj[key]

@@ -17,7 +17,7 @@ _BATCH_ROWS = 1 << 16
 
 
 def scan_parquet(stream: BinaryIO, *, purpose: str, max_errors: int) -> Tally:
-    """Validate a pre-tokenized parquet file (contract 2.3-2.5); issue lines are 1-based row numbers."""
+    """Validate a pre-tokenized parquet file (api-contract 2.3-2.5); issue lines are 1-based row numbers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

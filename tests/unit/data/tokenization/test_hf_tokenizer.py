@@ -19,7 +19,7 @@ from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, TokenizerFiles
 from tuneforge.data.tokenization.tokenize import iter_jsonl, preview_records, tokenize_blob, tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-tiny = pytest.importorskip("tuneforge.train.dev.tiny")
+tiny = pytest.importorskip("tuneforge.train.tiny_models")
 transformers = pytest.importorskip("transformers")
 
 TEMPLATES = {"chatml": None, "smol": SMOL_TEMPLATE, "qwen": QWEN_TEMPLATE, "run_on": RUN_ON_TEMPLATE}

@@ -14,7 +14,7 @@ from tuneforge.data.tokenization.chat import TemplateMismatch, conversation_toke
 from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.data.tokenization.hf_tokenizer import CHAT_TEMPLATE_FILE, HFTokenizer, read_folder
 from tuneforge.data.tokenization.templates import PROBE, adopt_training_template, masks_multi_turn, training_template
-from tuneforge.train.dev.tiny import save_tiny_model
+from tuneforge.train.tiny_models import save_tiny_model
 
 TRL_TEMPLATES = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"
 QWEN3_STOCK = (TRL_TEMPLATES / "qwen3.jinja").read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.data.tokenization.tokenize import tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-tiny = pytest.importorskip("tuneforge.train.dev.tiny")
+tiny = pytest.importorskip("tuneforge.train.tiny_models")
 
 # SmolLM2-135M-Instruct's template, verbatim apart from the Jinja line breaks: no {% generation %} markers and a
 # default system prompt whenever the conversation has none.

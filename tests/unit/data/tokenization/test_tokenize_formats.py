@@ -14,7 +14,7 @@ from tuneforge.data.tokenization.examples import IGNORE, TokenizationReport, Tok
 from tuneforge.data.tokenization.tokenize import tokenize_blob, tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-tiny = pytest.importorskip("tuneforge.train.dev.tiny")
+tiny = pytest.importorskip("tuneforge.train.tiny_models")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tuneforge.data.tokenization.preference import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-tiny = pytest.importorskip("tuneforge.train.dev.tiny")
+tiny = pytest.importorskip("tuneforge.train.tiny_models")
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 RECORD = {

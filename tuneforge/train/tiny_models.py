@@ -1,5 +1,6 @@
-"""Tiny, hub-free models for tests, benchmarks and demos: a byte-level BPE tokenizer trained on a few
-sentences (ChatML chat template) and random-initialised llama / qwen2 / qwen3 causal LMs of ~100k parameters.
+"""Test fixtures, not training code: tiny, hub-free models for tests, benchmarks and demos. A byte-level BPE
+tokenizer trained on a few sentences (ChatML chat template) and random-initialised llama / qwen2 / qwen3 causal LMs
+of ~100k parameters.
 
 `save_tiny_model(folder, arch)` writes a complete model folder (config, safetensors, tokenizer, chat
 template) that the catalog can serve as a `local` source. Deterministic, well under a second, no network.

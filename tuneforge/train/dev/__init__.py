@@ -1,1 +1,0 @@
-"""Development helpers for the compute plane (tiny models for tests and benchmarks)."""
