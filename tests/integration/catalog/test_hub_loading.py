@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tuneforge.catalog.loading import resolve_model_dir
 from tuneforge.catalog.source import ModelSource
 from tuneforge.errors import NotFoundError, PermissionDeniedError, TuneForgeError
-from tuneforge.train.dev.tiny import save_tiny_model
+from tuneforge.train.tiny_models import save_tiny_model
 
 PUBLIC, PRIVATE, GATED, SHARDED = "tiny-org/llama", "tiny-org/private-qwen3", "tiny-org/gated-llama", "tiny-org/sharded"
 PRIVATE_TOKEN, GATED_TOKEN, OTHER_TOKEN = "hf_private_reader_0001", "hf_gated_granted_0002", "hf_someone_else_0003"

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import pytest
 import torch
 
-from tuneforge.train.dev.tiny import save_tiny_model
+from tuneforge.train.tiny_models import save_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from recipe_support import make_job, run_in_process
 
 from tuneforge.data.tokenization.hf_tokenizer import CHAT_TEMPLATE_FILE
 from tuneforge.storage.layout import final_prefix
-from tuneforge.train.dev.tiny import save_tiny_model
+from tuneforge.train.tiny_models import save_tiny_model
 
 TRL_TEMPLATES = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"
 
