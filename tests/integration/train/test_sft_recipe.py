@@ -62,7 +62,8 @@ def test_standalone_process_runs_to_completion(tmp_path, tiny_model):
     total = start["total_steps"]
     # 16 examples, 4 per step (packed: packing never changes the count), 2 epochs
     assert (total, start["batch_size"], start["examples"]) == (8, 4, 16)
-    assert [m for m in messages if m.startswith("Step ")][-1].startswith("Step 8/8: loss ")
+    assert not [m for m in messages if m.startswith("Step ")]  # per-step progress is metrics, not events
+    assert [m["step"] for m in records if m["kind"] == "metric" and "train/loss" in m["values"]] == list(range(1, 9))
     data = next(e for e in job.events() if e["type"] == "training_data_download_complete")["data"]
     assert data["token_count"] == data["trained_tokens"] + data["masked_tokens"] and data["masked_tokens"] > 0
     assert start["param_count"] > start["trainable_params"] > 0
