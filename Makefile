@@ -34,4 +34,4 @@ bench-check-file: $(STAMP)
 	$(BIN)/python bench/check_file.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -181,9 +181,11 @@ def finish(
         current = S(repo.get_job(s, job_id=job_id).status)
         if current in TERMINAL:
             return None
-        if not can_transition(current, status):
+        if current == S.CANCEL_REQUESTED and not can_transition(current, status):
             status, event_type, level = S.CANCELLED, "job_stopped", "info"
             message = f"Cancelled by the user ({message[:1].lower()}{message[1:]} before the cancel arrived)"
+        elif not can_transition(current, status):
+            return None  # the job moved on without this worker (requeued, or taken over)
         moved = repo.transition(
             s, job_id=job_id, from_statuses=(current,), to_status=status, event_type=event_type, message=message,
             level=level, held_by=worker_id, error=message if status in (S.ERROR, S.USER_ERROR) else None,

@@ -270,24 +270,29 @@ class Worker:
 
     # -- ending ----------------------------------------------------------------------------------------
     def _finish(self, run: Run, code: int) -> None:
-        self.runs.pop(run.job_id, None)
+        if self.runs.get(run.job_id) is run:
+            self.runs.pop(run.job_id)
         result = run.result
-        if result is not None:
-            status = result.status
-            level = "info" if status in ("completed", "cancelled") else "error"
-            queue.finish(self.db, job_id=run.job_id, status=RESULT_STATUS[status], event_type=RESULT_EVENT[status],
-                         message=result.message, level=level, worker_id=self.worker_id)  # fmt: skip
-            return
         with self.db.session() as s:
             job = repo.get_job(s, job_id=run.job_id)
             ckpt = repo.latest_checkpoint(s, job_id=job.id)
         if job.lease_owner not in (None, self.worker_id):
             return
-        if job.status == S.CANCEL_REQUESTED:
+        asked_to_stop = job.status == S.CANCEL_REQUESTED
+        if result is not None and (result.status != "cancelled" or asked_to_stop):
+            status = result.status
+            level = "info" if status in ("completed", "cancelled") else "error"
+            queue.finish(self.db, job_id=run.job_id, status=RESULT_STATUS[status], event_type=RESULT_EVENT[status],
+                         message=result.message, level=level, worker_id=self.worker_id)  # fmt: skip
+            return
+        if asked_to_stop:
             queue.finish(self.db, job_id=job.id, status=S.CANCELLED, event_type="job_stopped",
                          message="Cancelled by the user", worker_id=self.worker_id)  # fmt: skip
             return
-        what = f"exit code {code}" if code >= 0 else "its worker was lost"
+        # Died, or stopped from outside without a cancel (a host shutdown's SIGTERM: the run saved a checkpoint and
+        # reported `cancelled`, but nobody asked for that): resumed like any interrupted run.
+        what = "it was stopped from outside (not by a cancel)" if result is not None else (
+            f"exit code {code}" if code >= 0 else "its worker was lost")  # fmt: skip
         if job.attempt < self.settings.max_attempts:
             where = f"from the checkpoint at step {ckpt.step}" if ckpt else "from the start (no checkpoint yet)"
             message = f"The training process stopped unexpectedly ({what}); resuming {where}"
@@ -324,6 +329,14 @@ class Worker:
             self._adopt(job)
 
     def _adopt(self, job: JobRow) -> None:
+        mine = self.runs.get(job.id)
+        if mine is not None:
+            if _runs_ours(job, mine):
+                return  # the run the job names is ours already: we hold its lease again and go on watching it
+            # A run of an earlier attempt that we still watched after losing the job: it must not train it twice.
+            log.warning("job %s: stopping our stale run of attempt %d", job.id, mine.attempt)
+            self.runs.pop(job.id)
+            self.executor.kill(mine.handle)
         runner = job.runner or {}
         handle = runner.get("handle")
         run = Run(job_id=job.id, attempt=int(runner.get("attempt", job.attempt)), handle=handle or {},
