@@ -42,6 +42,10 @@ def child_environment(**extra: str) -> dict[str, str]:
     return env
 
 
+# A training run's compute dtype: auto (bf16 autocast where bf16 is fast, else fp32), or forced.
+TrainDtype = Literal["auto", "fp32", "bf16"]
+
+
 def default_home() -> Path:
     return Path.home() / ".tuneforge"
 
@@ -80,7 +84,7 @@ class Settings(BaseSettings):
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
     train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
     train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")
-    train_dtype: Literal["auto", "fp32", "bf16"] = Field(
+    train_dtype: TrainDtype = Field(
         "auto", description="compute dtype of training runs: auto (bf16 autocast where bf16 is fast), fp32 or bf16"
     )
     max_attempts: int = Field(3, description="how often a job whose process died is resumed before it fails")

@@ -34,7 +34,7 @@ from tuneforge.train import registry
 from tuneforge.train.spec import Hyper, InitWeights, JobPlan, WandbConfig
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
-METHODS = ("sft", "dpo")
+METHODS = tuple(registry.RECIPES)  # the methods the API knows; `registry.available()` those a recipe runs today
 _CHECKING = (None, *STILL_CHECKING)
 _DEFAULTS = Hyper()
 
@@ -57,11 +57,10 @@ class Problems:
 
 @dataclass(frozen=True)
 class Planned:
-    """A checked plan and what goes beside it: the job's secrets, and its model's catalog entry."""
+    """A checked plan and what goes beside it: the job's secrets (kept apart: never in the plan or the spec)."""
 
     plan: JobPlan
     secrets: dict[str, str]
-    entry: ModelEntry
 
 
 @dataclass
@@ -132,6 +131,12 @@ def build_plan(s: Session, blobs: BlobStore, catalog: Catalog, *, owner: str, bo
     if train_vision and not lim.supports_vision:
         p.add("multimodal_params.train_vision", f"train_vision is only available for vision models; {entry.name} "
               "is not one")  # fmt: skip
+    elif train_vision:
+        p.add("multimodal_params.train_vision", "train_vision is not available on this server yet: no recipe trains "
+              "a vision tower")  # fmt: skip
+    if refs.present(body.hf_output_repo_name) is not None:
+        p.add("hf_output_repo_name", "hf_output_repo_name is not available on this server yet: outputs are kept here "
+              "and downloaded with `together fine-tuning download`, not pushed to the Hugging Face Hub")  # fmt: skip
     p.raise_if_any()
     secrets = {k: v for k, v in (("wandb_key", body.wandb_key), ("hf_api_token", body.hf_api_token)) if v}
     wandb_fields = {
@@ -162,7 +167,7 @@ def build_plan(s: Session, blobs: BlobStore, catalog: Catalog, *, owner: str, bo
         train_vision=train_vision if lim.supports_vision else None,
         wandb=WandbConfig(**wandb_fields) if wants_wandb else None,
     )
-    return Planned(plan=plan, secrets=secrets, entry=entry)
+    return Planned(plan=plan, secrets=secrets)
 
 
 def check_text_and_numbers(p: Problems, value: Any, *, path: str) -> None:
@@ -278,6 +283,8 @@ def check_file(p: Problems, row: FileRow, *, param: str, method: str, entry: Mod
         p.add(param, f"{param} {row.id} contains tools or tool calls, which model {entry.name} does not support")
     if report.get("dataset_is_multimodal") and not entry.limits.supports_vision:
         p.add(param, f"{param} {row.id} contains images, but model {entry.name} is not a vision model")
+    elif report.get("dataset_is_multimodal"):
+        p.add(param, f"{param} {row.id} contains images, and no recipe on this server trains on images yet")
 
 
 def _batch_bounds(lim: ModelLimits, training_type: str, method: str) -> tuple[int, int]:
@@ -420,7 +427,8 @@ def _hyper(
             given[name] = float(value)
             if not value >= 0:
                 p.add(name, f"{name} must be non-negative (got {value})")
-    gas = body.gradient_accumulation_steps or lim.default_gradient_accumulation_steps
+    gas = (lim.default_gradient_accumulation_steps if body.gradient_accumulation_steps is None
+           else body.gradient_accumulation_steps)  # fmt: skip
     given["gradient_accumulation_steps"] = gas
     if gas < 1:
         p.add("gradient_accumulation_steps", f"gradient_accumulation_steps must be at least 1 (got {gas})")

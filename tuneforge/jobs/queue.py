@@ -12,6 +12,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+import msgspec
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,9 +42,11 @@ def enqueue(db: Database, planned: Planned, *, owner: str, request_hash: str, wi
     try:
         with db.session() as s:
             held = repo.job_holding_key(s, key=key)
-            if held is not None and held.created_at >= now - window_s:
-                return held, False
-            repo.release_stale_key(s, key=key, created_before=now - window_s)
+            if held is not None:
+                if held.created_at >= now - window_s and not held.deleted and held.status != S.CANCELLED:
+                    return held, False
+                # An older request, or one whose job was cancelled or deleted since: this one makes a new job.
+                repo.release_key(s, job_id=held.id)
             job_id = new_job_id()
             plan = planned.plan
             row = JobRow(
@@ -120,10 +123,22 @@ def claim(db: Database, *, worker_id: str) -> Claim | None:
             if not moved:
                 continue
             if job.attempt:
-                repo.forget_after(s, job_id=job.id, step=resume.step if resume else 0)
+                step = resume.step if resume else 0
+                repo.forget_after(s, job_id=job.id, step=step)
+                evals = sum("eval/loss" in (m.values or {}) for m in repo.list_metrics(s, job_id=job.id))
+                progress = {**(job.progress or {}), "steps_completed": step, "evals_completed": evals}
+                repo.update_job(s, job_id=job.id, held_by=worker_id, progress=progress)
             s.flush()
             s.refresh(job)
-            return Claim(job=job, plan=plan_of(job), attempt=attempt, resume=resume, secrets=dict(job.secrets or {}))
+            try:
+                plan = plan_of(job)
+            except (msgspec.ValidationError, ValueError, KeyError, TypeError) as exc:
+                # One unreadable plan (written by a newer tuneforge, or damaged) must not block the queue behind it.
+                why = f"This server cannot read the job's stored plan ({exc})"
+                repo.transition(s, job_id=job.id, from_statuses=(S.RUNNING,), to_status=S.ERROR, event_type="job_error",
+                                message=why, level="error", held_by=worker_id, error=why)  # fmt: skip
+                continue
+            return Claim(job=job, plan=plan, attempt=attempt, resume=resume, secrets=dict(job.secrets or {}))
     return None
 
 
@@ -177,20 +192,26 @@ def finish(
     """End the job in `status` (clearing its secrets and lease). A job whose cancel was requested may end only as
     cancelled or failed, so a run that completed while its cancel was on the way ends cancelled, its weights kept.
     Returns the status it ended in, or None when it had ended already or another worker holds it."""
-    with db.session() as s:
-        current = S(repo.get_job(s, job_id=job_id).status)
-        if current in TERMINAL:
-            return None
-        if current == S.CANCEL_REQUESTED and not can_transition(current, status):
-            status, event_type, level = S.CANCELLED, "job_stopped", "info"
-            message = f"Cancelled by the user ({message[:1].lower()}{message[1:]} before the cancel arrived)"
-        elif not can_transition(current, status):
-            return None  # the job moved on without this worker (requeued, or taken over)
-        moved = repo.transition(
-            s, job_id=job_id, from_statuses=(current,), to_status=status, event_type=event_type, message=message,
-            level=level, held_by=worker_id, error=message if status in (S.ERROR, S.USER_ERROR) else None,
-        )  # fmt: skip
-        return status if moved else None
+    for _ in range(3):  # a cancel may land between our read and our write: read again and end it accordingly
+        with db.session() as s:
+            current = S(repo.get_job(s, job_id=job_id).status)
+            if current in TERMINAL:
+                return None
+            target, kind, lvl, text = status, event_type, level, message
+            if current == S.CANCEL_REQUESTED and not can_transition(current, status):
+                target, kind, lvl = S.CANCELLED, "job_stopped", "info"
+                text = f"Cancelled by the user ({message[:1].lower()}{message[1:]} before the cancel arrived)"
+            elif not can_transition(current, status):
+                return None  # the job moved on without this worker (requeued, or taken over)
+            if repo.transition(
+                s, job_id=job_id, from_statuses=(current,), to_status=target, event_type=kind, message=text,
+                level=lvl, held_by=worker_id, error=text if target in (S.ERROR, S.USER_ERROR) else None,
+            ):  # fmt: skip
+                return target
+            s.expire_all()
+            if worker_id is not None and repo.get_job(s, job_id=job_id).lease_owner != worker_id:
+                return None  # another worker holds it now
+    return None
 
 
 def to_uploading(s: Session, *, job_id: str, worker_id: str, message: str, data: dict[str, object],
@@ -199,12 +220,6 @@ def to_uploading(s: Session, *, job_id: str, worker_id: str, message: str, data:
     return repo.transition(s, job_id=job_id, from_statuses=(S.RUNNING,), to_status=S.UPLOADING,
                            event_type="model_uploading", message=message, event_data=dict(data),
                            event_created_at=at, held_by=worker_id)  # fmt: skip
-
-
-def live_jobs_using_file(db: Database, *, file_id: str) -> list[str]:
-    """Ids of the jobs that may still read a file: it must not be deleted under them."""
-    with db.session() as s:
-        return [j.id for j in repo.live_jobs_using_file(s, file_id=file_id)]
 
 
 __all__ = ["LEASED", "LIVE", "TERMINAL", "Claim", "JobStatus", "cancel", "claim", "enqueue", "finish", "requeue"]

@@ -34,6 +34,7 @@ def _upgrade_legacy(job: JobRow, params: dict[str, Any]) -> dict[str, Any]:
         "training_file": job.training_file,
         "training_file_lines": params.get("trainingfile_numlines"),
         "training_file_bytes": params.get("trainingfile_size") or 0,
+        "training_file_type": "parquet" if params.get("dataset_format") == "parquet" else "jsonl",
         "validation_file": job.validation_file,
         "init": params.get("init"),
         "hyper": hyper,

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from sqlalchemy.orm import Session
 
 from tuneforge.jobs import queue
@@ -30,8 +31,8 @@ from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import spec_key
 from tuneforge.store import Database
 from tuneforge.store import jobs as repo
-from tuneforge.store.states import JobStatus
-from tuneforge.store.tables import JobRow
+from tuneforge.store.states import TERMINAL, JobStatus
+from tuneforge.store.tables import CheckpointRow, JobRow
 from tuneforge.train.events import Checkpoint, Event, Metric, Progress, Record, Result, read_events
 
 log = logging.getLogger("tuneforge.worker")
@@ -221,20 +222,23 @@ class Worker:
 
     # -- events ----------------------------------------------------------------------------------------
     def _ingest(self, run: Run) -> None:
+        """Store the records the run wrote since the last read, in one transaction that holds the job's lease: it
+        first renews the lease (so no reaper can take the job until it commits) and ends with the new offset, so
+        whoever reads the stream next starts where the stored records end."""
         records, offset = read_events(run.events_path, run.offset)
         if not records:
             return
         run.last_seen = time.time()
         with self.db.session() as s:
-            job = repo.get_job(s, job_id=run.job_id)
-            if job.lease_owner != self.worker_id:
+            if not repo.update_job(s, job_id=run.job_id, held_by=self.worker_id, heartbeat_at=time.time()):
                 return  # taken over: the new holder reads the stream from the stored offset
+            job = repo.get_job(s, job_id=run.job_id)
             progress = dict(job.progress or {})
             for rec in records:
                 self._apply(s, job, run, rec, progress)
-            run.offset = offset
             repo.update_job(s, job_id=run.job_id, held_by=self.worker_id, progress=progress,
-                            runner=_runner_json(run), heartbeat_at=time.time())  # fmt: skip
+                            runner=_runner_json(run, offset=offset))  # fmt: skip
+        run.offset = offset
 
     def _apply(self, session: Session, job: JobRow, run: Run, rec: Record, progress: dict[str, Any]) -> None:
         if isinstance(rec, Event):
@@ -270,25 +274,32 @@ class Worker:
 
     # -- ending ----------------------------------------------------------------------------------------
     def _finish(self, run: Run, code: int) -> None:
+        """Record the end of a run: its job ends, or is requeued to resume. A cancel or a takeover that lands while
+        this is decided is read again; a job that still can't be moved stays leased to us and unwatched, which the
+        reaper's next pass picks up."""
         if self.runs.get(run.job_id) is run:
             self.runs.pop(run.job_id)
+        for _ in range(3):
+            with self.db.session() as s:
+                job = repo.get_job(s, job_id=run.job_id)
+                ckpt = repo.latest_checkpoint(s, job_id=job.id)
+            if job.lease_owner not in (None, self.worker_id) or S(job.status) in TERMINAL:
+                return
+            if self._end(run, job, ckpt, code):
+                return
+        log.warning("job %s: could not record the end of its run; the reaper will try again", run.job_id)
+
+    def _end(self, run: Run, job: JobRow, ckpt: CheckpointRow | None, code: int) -> bool:
         result = run.result
-        with self.db.session() as s:
-            job = repo.get_job(s, job_id=run.job_id)
-            ckpt = repo.latest_checkpoint(s, job_id=job.id)
-        if job.lease_owner not in (None, self.worker_id):
-            return
         asked_to_stop = job.status == S.CANCEL_REQUESTED
         if result is not None and (result.status != "cancelled" or asked_to_stop):
             status = result.status
             level = "info" if status in ("completed", "cancelled") else "error"
-            queue.finish(self.db, job_id=run.job_id, status=RESULT_STATUS[status], event_type=RESULT_EVENT[status],
-                         message=result.message, level=level, worker_id=self.worker_id)  # fmt: skip
-            return
+            return queue.finish(self.db, job_id=job.id, status=RESULT_STATUS[status], event_type=RESULT_EVENT[status],
+                                message=result.message, level=level, worker_id=self.worker_id) is not None  # fmt: skip
         if asked_to_stop:
-            queue.finish(self.db, job_id=job.id, status=S.CANCELLED, event_type="job_stopped",
-                         message="Cancelled by the user", worker_id=self.worker_id)  # fmt: skip
-            return
+            return queue.finish(self.db, job_id=job.id, status=S.CANCELLED, event_type="job_stopped",
+                                message="Cancelled by the user", worker_id=self.worker_id) is not None  # fmt: skip
         # Died, or stopped from outside without a cancel (a host shutdown's SIGTERM: the run saved a checkpoint and
         # reported `cancelled`, but nobody asked for that): resumed like any interrupted run.
         what = "it was stopped from outside (not by a cancel)" if result is not None else (
@@ -296,13 +307,14 @@ class Worker:
         if job.attempt < self.settings.max_attempts:
             where = f"from the checkpoint at step {ckpt.step}" if ckpt else "from the start (no checkpoint yet)"
             message = f"The training process stopped unexpectedly ({what}); resuming {where}"
-            if queue.requeue(self.db, job_id=job.id, worker_id=self.worker_id, message=message):
+            moved = queue.requeue(self.db, job_id=job.id, worker_id=self.worker_id, message=message)
+            if moved:
                 self.wake()
-                return
+            return moved
         message = (f"The training process stopped unexpectedly ({what}) {job.attempt} times; see the job's events "
                    "for the last progress")  # fmt: skip
-        queue.finish(self.db, job_id=job.id, status=S.ERROR, event_type="job_error", message=message, level="error",
-                     worker_id=self.worker_id)  # fmt: skip
+        return queue.finish(self.db, job_id=job.id, status=S.ERROR, event_type="job_error", message=message,
+                            level="error", worker_id=self.worker_id) is not None  # fmt: skip
 
     # -- taking over -----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -315,7 +327,14 @@ class Worker:
         now = time.time()
         self._reaped_at = now
         with self.db.session() as s:
-            candidates = [j for j in repo.leased_jobs(s) if j.lease_owner != self.worker_id]
+            leased = repo.leased_jobs(s)
+        for job in leased:
+            if job.lease_owner == self.worker_id and job.id not in self.runs:
+                # Ours, yet no run of ours watches it: ending its run failed half-way (a lost race, a database
+                # error). Adopt it again: its stored runner and offset say where it stands.
+                log.warning("job %s: leased to us but not watched; adopting it again", job.id)
+                self._adopt(job)
+        candidates = [j for j in leased if j.lease_owner != self.worker_id]
         for job in candidates:
             expired = job.heartbeat_at is None or job.heartbeat_at < now - self.settings.lease_s
             if not (job.lease_owner is None or expired or owner_is_gone(job.lease_owner)):
@@ -339,8 +358,10 @@ class Worker:
             self.executor.kill(mine.handle)
         runner = job.runner or {}
         handle = runner.get("handle")
+        result = msgspec.convert(runner["result"], Result) if runner.get("result") else None
         run = Run(job_id=job.id, attempt=int(runner.get("attempt", job.attempt)), handle=handle or {},
-                  events_path=str(runner.get("events_path", "")), offset=int(runner.get("offset", 0)))  # fmt: skip
+                  events_path=str(runner.get("events_path", "")), offset=int(runner.get("offset", 0)),
+                  result=result)  # fmt: skip
         code = -1
         if handle:
             with contextlib.suppress(Exception):
@@ -376,8 +397,11 @@ def _runs_ours(job: JobRow, run: Run) -> bool:
     return bool(runner.get("handle") == run.handle and runner.get("attempt") == run.attempt)
 
 
-def _runner_json(run: Run) -> dict[str, object]:
-    return {"handle": run.handle, "events_path": run.events_path, "offset": run.offset, "attempt": run.attempt}
+def _runner_json(run: Run, *, offset: int | None = None) -> dict[str, object]:
+    """What another worker (or this one, later) needs to pick the run up: its handle, how far its stream was
+    stored, and its result once read (the stream past `offset` no longer holds it)."""
+    return {"handle": run.handle, "events_path": run.events_path, "offset": run.offset if offset is None else offset,
+            "attempt": run.attempt, "result": msgspec.to_builtins(run.result) if run.result else None}  # fmt: skip
 
 
 def _run_env(secrets: dict[str, str]) -> dict[str, str]:

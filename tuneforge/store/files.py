@@ -87,10 +87,13 @@ def get_file(session: Session, *, file_id: str, owner: str, states: tuple[str, .
 
 
 def is_visible(session: Session, *, file_id: str, owner: str) -> bool:
-    """Whether the owner's file is ready, read from the database now (not from the session's cache)."""
-    row = session.scalars(
-        select(FileRow).where(FileRow.id == file_id).execution_options(populate_existing=True)
-    ).first()
+    """Whether the owner's file is ready, read from the database now (not from the session's cache). On PostgreSQL
+    the row is locked (FOR SHARE) until the transaction ends, so a delete of the file waits for it and then sees
+    what it wrote; SQLite's one writer at a time gives the same order."""
+    stmt = select(FileRow).where(FileRow.id == file_id).execution_options(populate_existing=True)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(read=True)
+    row = session.scalars(stmt).first()
     return row is not None and row.owner == owner and row.state == VISIBLE
 
 

@@ -34,22 +34,14 @@ def insert_job(session: Session, *, row: JobRow, event_type: str, message: str) 
     return row
 
 
-def _holder(session: Session, key: str) -> JobRow | None:
+def job_holding_key(session: Session, *, key: str) -> JobRow | None:
+    """The job that holds an idempotency key, if any."""
     return session.scalars(select(JobRow).where(JobRow.idempotency_key == key)).first()
 
 
-def job_holding_key(session: Session, *, key: str) -> JobRow | None:
-    """The job that holds an idempotency key, if any."""
-    return _holder(session, key)
-
-
-def release_stale_key(session: Session, *, key: str, created_before: float) -> None:
-    """Free an idempotency key held by a job created before `created_before` (a new request, not a retry)."""
-    session.execute(
-        update(JobRow)
-        .where(JobRow.idempotency_key == key, JobRow.created_at < created_before)
-        .values(idempotency_key=None)
-    )
+def release_key(session: Session, *, job_id: str) -> None:
+    """Free a job's idempotency key: an identical request then makes a new job."""
+    session.execute(update(JobRow).where(JobRow.id == job_id).values(idempotency_key=None))
 
 
 def get_job(session: Session, *, job_id: str, owner: str | None = None) -> JobRow:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-TrainDtype = Literal["auto", "fp32", "bf16"]
+from tuneforge.settings import TrainDtype
+from tuneforge.train.spec import MAX_EXAMPLES_PER_STEP
 
-# Measured on SmolLM2-135M, fp32, LoRA all-linear, sdpa (FINDINGS §3): activations kept for the backward take
+# Measured on SmolLM2-135M, fp32, LoRA all-linear, sdpa: activations kept for the backward take
 # about 4 bytes x layers x (16 x hidden + 9 x intermediate) per token (2.76 MB at hidden 576 / inter 1536 /
 # 30 layers). Full fine-tuning keeps slightly less (no LoRA intermediates); the same bound is used.
 ACT_HIDDEN_FACTOR = 16
@@ -24,7 +25,6 @@ LOGIT_COPIES = 3
 # peaked at 47 tok/s, bs 8 x 512 fell to 37 on 2 AVX2 cores), so a CPU micro-batch stays at or under this.
 CPU_TOKENS_PER_FORWARD = 2048
 GPU_TOKENS_PER_FORWARD = 65536
-MAX_EXAMPLES = 64  # per optimizer step under batch_size="max"
 MEMORY_SHARE = 0.5  # of the memory available at start: the rest is for the OS, other runs and fragmentation
 
 
@@ -139,10 +139,11 @@ def plan_memory(
     )
 
 
-def max_batch_examples(plan: MemoryPlan, example_length: int) -> int:
-    """`batch_size="max"`: how many examples of `example_length` tokens one forward holds (1 to 64).
+def max_batch_examples(plan: MemoryPlan, example_length: int, most: int = MAX_EXAMPLES_PER_STEP) -> int:
+    """`batch_size="max"`: how many examples of `example_length` tokens one forward holds (1 to `most`, the job's
+    limit).
 
     A number of examples per optimizer step, packing or not; the recipe passes the data's typical length, so that
     a step holds about one forward's worth of tokens (chunking keeps any step within memory).
     """
-    return max(1, min(MAX_EXAMPLES, plan.tokens_per_forward // max(1, example_length)))
+    return max(1, min(most, plan.tokens_per_forward // max(1, example_length)))

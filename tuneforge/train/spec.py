@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from tuneforge.catalog.source import ModelSource
+from tuneforge.settings import TrainDtype
 
 SPEC_VERSION = 2
 PLAN_VERSION = 1
@@ -132,6 +133,11 @@ class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
         return msgspec.convert(data, cls)
 
 
+# The most examples one optimizer step takes under batch_size="max" when nothing smaller bounds it (a job's plan
+# carries its model's limit in `max_batch_size`; a run also stays within what one forward holds).
+MAX_EXAMPLES_PER_STEP = 64
+
+
 def standalone_plan(
     model: ModelSource,
     hyper: Hyper,
@@ -146,7 +152,7 @@ def standalone_plan(
     return JobPlan(
         method=method, model=model.name, model_source=model, training_file="standalone",
         training_file_type=training_file_type, init=init, hyper=hyper,
-        max_batch_size=hyper.batch_size if isinstance(hyper.batch_size, int) else 1, wandb=wandb,
+        max_batch_size=hyper.batch_size if isinstance(hyper.batch_size, int) else MAX_EXAMPLES_PER_STEP, wandb=wandb,
     )  # fmt: skip
 
 
@@ -169,7 +175,7 @@ class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
     resume: Resume | None = None
     device: str = "cpu"
     num_threads: int | None = None
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # compute dtype; auto: bf16 autocast where bf16 is fast
+    dtype: TrainDtype = "auto"  # compute dtype; auto: bf16 autocast where bf16 is fast
 
     @property
     def hyper(self) -> Hyper:

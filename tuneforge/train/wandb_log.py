@@ -118,6 +118,7 @@ def start(spec: TrainSpec, out: EventWriter, total_steps: int) -> WandbRun | Non
 def run_config(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
     """The W&B run's config: the hyperparameters, and what was trained."""
     hyper: dict[str, Any] = msgspec.to_builtins(spec.hyper)
+    hyper["lora_alpha"] = spec.hyper.alpha  # the value the run uses (a default is stored as None)
     return {**hyper, "total_steps": total_steps, "base_model": spec.model.name, "method": spec.recipe,
             "job_id": spec.job_id, "output_name": spec.output_name}  # fmt: skip
 

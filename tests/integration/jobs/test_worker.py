@@ -7,7 +7,9 @@ import time
 
 import msgspec
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from tuneforge.jobs import queue
 from tuneforge.jobs.executors.fake import FakeExecutor
 from tuneforge.jobs.worker import Worker
 from tuneforge.settings import Settings
@@ -201,3 +203,35 @@ def test_a_run_that_finishes_while_its_cancel_is_on_the_way_ends_cancelled(env):
     assert events[-1].type == "job_stopped" and "training completed before the cancel arrived" in events[-1].message
     stamps = [e.created_at for e in events]
     assert stamps == sorted(stamps)
+
+
+def test_a_run_whose_end_could_not_be_recorded_is_ended_by_the_next_reap(env, monkeypatch):
+    """The database refuses the write that ends a job (locked, gone for a moment): the job stays leased to the worker
+    that no longer watches its run, and the worker's own reaper picks it up and ends it, once."""
+    settings, db, blobs = env
+    worker = Worker(db, blobs, settings, FakeExecutor(steps=3))
+    _insert(db, "ft-o")
+    real_finish = queue.finish
+    failures = []
+
+    def flaky_finish(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "finish", flaky_finish)
+    worker.tick()
+    worker.executor.wait_idle()
+    with pytest.raises(OperationalError):
+        worker.tick()  # the run ended; recording it failed (the worker's loop logs this and goes on)
+    with db.session() as s:
+        job = repo.get_job(s, job_id="ft-o")
+    assert job.status == "uploading" and job.lease_owner == worker.worker_id and "ft-o" not in worker.runs
+    worker.reap()
+    job = _drive(worker, "ft-o")
+    assert job.status == "completed" and failures == [1]
+    with db.session() as s:
+        types = [e.type for e in repo.list_events(s, job_id="ft-o")]
+        assert types.count("job_complete") == 1 and types.count("model_uploading") == 1
+        assert [m.step for m in repo.list_metrics(s, job_id="ft-o")] == [1, 2, 3]  # the stream was not read twice

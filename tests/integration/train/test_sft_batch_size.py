@@ -112,7 +112,7 @@ def test_batch_size_max_counts_examples_and_a_resumed_run_keeps_it(tmp_path, tin
     mid = total // 2
     state = json.loads((job.local(checkpoint_prefix(job.spec.job_id, mid)) / "resume/state.json").read_text())
     assert state["examples_per_step"] == batch_size and "rows_per_batch" not in state
-    monkeypatch.setattr(sft, "max_batch_examples", lambda plan, length: batch_size + 1)  # another machine, another max
+    monkeypatch.setattr(sft, "max_batch_examples", lambda plan, length, most: batch_size + 1)  # another machine
     resumed = make_job(tmp_path, tiny_model, job_id="ft-max-1", rows=ROWS, hyper=hyper | {"packing": True}, attempt=1,
                        resume=Resume(key=checkpoint_prefix("ft-max-1", mid), step=mid))  # fmt: skip
     assert run_in_process(resumed) == 0, resumed.result()

@@ -105,8 +105,8 @@ def test_a_run_logs_its_metrics_to_wandb(tmp_path, tiny_model):
     assert run.summary["train/loss"] == expected[TOTAL_STEPS]["train/loss"]
     assert run.complete and run.exitcode == 0
 
-    hyper = msgspec.to_builtins(job.spec.hyper)
-    assert {k: run.config.get(k) for k in hyper} == hyper
+    hyper = msgspec.to_builtins(job.spec.hyper) | {"lora_alpha": job.spec.hyper.alpha}  # the value the run used
+    assert {k: run.config.get(k) for k in hyper} == hyper and run.config["lora_alpha"] == 2 * job.spec.hyper.lora_r
     assert run.config["total_steps"] == TOTAL_STEPS and run.config["base_model"] == "tiny-llama"
     assert run.config["job_id"] == "ft-wandb" and run.config["method"] == "sft"
 

@@ -157,6 +157,7 @@ def test_batch_size_max_for_smollm2_at_512_stays_modest_on_a_cpu():
                         device=torch.device("cpu"), free_bytes=22 << 30)  # fmt: skip
     assert max_batch_examples(short, 40) * 40 <= short.tokens_per_forward <= 2048
     assert max_batch_examples(short, 40) > 4 and max_batch_examples(short, 1) == 64
+    assert max_batch_examples(short, 1, most=16) == 16  # the job's limit (its model's max batch size) bounds it
 
 
 def test_bf16_is_only_used_where_it_is_fast():

@@ -1,10 +1,12 @@
 """`POST /fine-tunes/preview` (api-contract 3.10): the first rows of a training file, tokenized and masked as an SFT run
 on the model will tokenize them.
 
-Nothing here decides a token or a label: the rows come from `data.tokenize.preview_records`, the code the training
-run's `tokenize_blob` runs (chat template, `train_on_inputs`, weights, the cut at `max_seq_length`), on the files the
-run loads with `AutoTokenizer` (`tokenizer.json`, `tokenizer_config.json`, the chat template), read without torch or
-transformers by `data.hf_tokenizer`. Those files are the model's folder in the training cache `<home>/models`:
+Nothing here decides a token or a label: the rows come from `data.tokenization.tokenize.preview_records`, the code
+the training run's `tokenize_blob` runs (chat template, `train_on_inputs`, weights, the cut at `max_seq_length`), on
+the files the run loads with `AutoTokenizer` (`tokenizer.json`, `tokenizer_config.json`, the chat template), read
+without torch or transformers by `data.tokenization.hf_tokenizer` (a mirror of transformers' rendering that
+bench/preview_tokenizer.py measures against transformers itself). Those files are the model's folder in the
+training cache `<home>/models`:
 - `local` models: their own folder;
 - `gguf` / `gguf-package` models: the folder the first run on them converts the GGUF file into;
 - `hub` models: the Hugging Face cache snapshot the first run on them downloads;

@@ -200,7 +200,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     if saved is not None and "examples_per_step" in saved[3]:
         batch_size = int(saved[3]["examples_per_step"])
     elif hp.batch_size == "max":
-        batch_size = max_batch_examples(mem, math.ceil(sum(lengths) / len(lengths)))
+        batch_size = max_batch_examples(mem, math.ceil(sum(lengths) / len(lengths)), most=spec.plan.max_batch_size)
     else:
         batch_size = int(hp.batch_size)
     pack_to = max(max(lengths), min(hp.max_seq_length, mem.tokens_per_forward)) if hp.packing else None
