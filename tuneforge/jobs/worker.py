@@ -4,8 +4,11 @@ store, and ends each job in exactly one terminal state.
 One run per device slot. The worker renews the lease of every job whose run it watches; a reaper in every worker
 takes over a job whose lease expired (its worker died) or whose worker is gone from this host: a run that still
 lives is adopted, any other is resumed from its last checkpoint (up to `max_attempts`) or ended with an error
-that says what happened. So two servers on one database never run one job twice, each takes over the other's
-jobs when the other dies, and no job is left `running`.
+that says what happened. A worker that finds it lost a job's lease stops its own run of it. A run on another host
+that the taking-over worker cannot see or stop (its server died, the run did not) is fenced instead: it checks the
+job's current attempt before it publishes anything (`train/fencing.py`) and stops once a later one exists. So two
+servers on one database never train and publish one job twice, each takes over the other's jobs when the other
+dies, and no job is left `running`.
 """
 
 from __future__ import annotations

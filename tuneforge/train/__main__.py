@@ -17,6 +17,7 @@ from types import FrameType
 
 from tuneforge.errors import InvalidRequestError, TuneForgeError
 from tuneforge.train.events import EventWriter
+from tuneforge.train.fencing import Superseded
 from tuneforge.train.registry import load_recipe
 from tuneforge.train.spec import load_spec
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except InvalidRequestError as exc:
         out.result("user_error", exc.message)
+        return 1
+    except Superseded as exc:
+        out.result("error", str(exc))
         return 1
     except KeyboardInterrupt:
         out.result("cancelled", "Interrupted before the run could checkpoint")

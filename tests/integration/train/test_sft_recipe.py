@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pyarrow.parquet as pq
 import pytest
 from recipe_support import QA, Job, conversations, generate_answers, make_job, run_in_process
 from safetensors.torch import load_file
 
-from tuneforge.storage.layout import checkpoint_prefix, final_prefix, tokenized_key
+from tuneforge.storage.layout import checkpoint_prefix, final_prefix, job_prefix, spec_key, tokenized_key
 from tuneforge.train.spec import InitWeights, Resume, WandbConfig
 
 LEARN = {"learning_rate": 5e-3, "batch_size": 8, "n_epochs": 120, "lora_r": 16, "lora_alpha": 32}
@@ -253,3 +254,24 @@ def test_data_problems_are_user_errors_before_training(tmp_path, tiny_model, raw
     result = job.result()
     assert result["status"] == "user_error" and words in result["message"], result["message"]
     assert "training_start" not in job.types()
+
+
+def test_a_run_superseded_by_a_later_attempt_publishes_nothing_more(tmp_path, tiny_model):
+    """A worker on another host took the job over and started attempt 2 (its spec is in the blob store): attempt 1,
+    still training out of its sight, stops at its next publish instead of writing the job's checkpoints."""
+    job = make_job(tmp_path, tiny_model, job_id="ft-fenced", rows=conversations(2), attempt=1,
+                   hyper={"n_epochs": 2, "n_checkpoints": 2})  # fmt: skip
+    with job.blobs.writer(spec_key("ft-fenced")) as w:
+        w.write(msgspec.json.encode(msgspec.structs.replace(job.spec, attempt=2)))
+    assert run_in_process(job) == 1
+    result = job.result()
+    assert result["status"] == "error" and "attempt 2" in result["message"], result
+    assert "without publishing" in result["message"]
+    assert "checkpoint_save" not in job.types()
+    assert not job.blobs.list(f"{job_prefix('ft-fenced')}/checkpoints")
+    assert not job.blobs.list(final_prefix("ft-fenced", "adapter"))
+    with job.blobs.writer(spec_key("ft-fenced")) as w:  # the same attempt (an adopted run): it is current
+        w.write(job.spec.to_json())
+    assert run_in_process(job) == 0
+    assert [r["status"] for r in job.records() if r["kind"] == "result"] == ["error", "completed"]
+    assert job.blobs.list(final_prefix("ft-fenced", "adapter"))

@@ -51,6 +51,7 @@ from tuneforge.train.batching import (
 )
 from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
 from tuneforge.train.events import EventWriter
+from tuneforge.train.fencing import check_current
 from tuneforge.train.hardware import bf16_is_fast, compute_dtype, max_batch_examples, plan_memory, set_threads
 from tuneforge.train.loss import causal_lm, trained_token_loss
 from tuneforge.train.registry import Outcome
@@ -270,6 +271,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         save_resume(folder / RESUME_DIR, optimizer=optimizer, scheduler=scheduler, state=state)
         write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest_base)
         prefix = checkpoint_prefix(spec.job_id, at_step)
+        check_current(blobs, spec.job_id, spec.attempt)
         publish(blobs, folder, prefix)
         out.event("checkpoint_save", f"Checkpoint saved at step {at_step}", step=at_step, checkpoint_path=prefix)
         out.checkpoint(at_step, prefix, kind="intermediate", adapter=lora)
@@ -376,6 +378,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         _save_weights(model, tokenizer, folder)
         write_manifest(folder, kind=variant, adapter=variant == "adapter", **final_meta)
         prefix = final_prefix(spec.job_id, variant)
+        check_current(blobs, spec.job_id, spec.attempt)
         publish(blobs, folder, prefix)
         out.checkpoint(step, prefix, kind="final", adapter=variant == "adapter")
     main_prefix = final_prefix(spec.job_id, finals[-1])
