@@ -7,8 +7,8 @@ lives is adopted, any other is resumed from its last checkpoint (up to `max_atte
 that says what happened. A worker that finds it lost a job's lease stops its own run of it. A run on another host
 that the taking-over worker cannot see or stop (its server died, the run did not) is fenced instead: it checks the
 job's current attempt before it publishes anything (`train/fencing.py`) and stops once a later one exists. So two
-servers on one database never train and publish one job twice, each takes over the other's jobs when the other
-dies, and no job is left `running`.
+servers on one database never run one job twice on one host, never publish it twice across hosts, take over each
+other's jobs when one dies, and leave no job `running`.
 """
 
 from __future__ import annotations
