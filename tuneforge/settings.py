@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
 MIB = 1 << 20
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
 
 
 # What a child process (a training run, a model preparation) inherits from the server: the names below and the
@@ -28,13 +29,19 @@ _CHILD_PREFIXES = ("LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTO
                    "KMP_", "NVIDIA_", "CUDA_", "WANDB_")  # fmt: skip
 
 
+# The server's own W&B credentials never reach a run by inheritance: a run gets the job's own key, or the server's
+# only where the operator says so (`Settings.wandb_server_key`, see `run_wandb_key`).
+_CHILD_WITHHELD = frozenset({"WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CREDENTIALS_FILE"})
+
+
 def child_environment(**extra: str) -> dict[str, str]:
     """The explicit environment of a child process: the allowed part of this one, quiet defaults, then `extra`.
 
     OpenMP threads that spin while they wait collapse throughput when cores are shared (measured 10x and more),
     so children wait passively unless the operator says otherwise.
     """
-    env = {k: v for k, v in os.environ.items() if k in _CHILD_NAMES or k.startswith(_CHILD_PREFIXES)}
+    env = {k: v for k, v in os.environ.items()
+           if (k in _CHILD_NAMES or k.startswith(_CHILD_PREFIXES)) and k not in _CHILD_WITHHELD}  # fmt: skip
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -90,6 +97,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="how often a job whose process died is resumed before it fails")
     cancel_grace_s: float = Field(20.0, description="seconds a cancelled run gets to checkpoint before SIGKILL")
     heartbeat_timeout_s: float = Field(600.0, description="a run silent this long is treated as dead")
+    wandb_base_urls: list[str] = Field(
+        default_factory=lambda: [DEFAULT_WANDB_URL],
+        description="the W&B servers a job's wandb_base_url may name (a JSON list); any other is refused at create",
+    )
+    wandb_server_key: bool = Field(
+        False,
+        description="let a job without its own wandb_api_key log with this server's WANDB_API_KEY (only ever to the "
+        "server's own W&B, never to a wandb_base_url the job names)",
+    )
     lease_s: float = Field(
         30.0,
         description="a worker that has not renewed its hold on a job for this long is presumed dead, and "
@@ -107,3 +123,23 @@ class Settings(BaseSettings):
 
     def ensure_home(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether two base URLs name the same server (scheme and host case-insensitive, a trailing slash ignored)."""
+    from urllib.parse import urlsplit
+
+    x, y = urlsplit(a.strip().rstrip("/")), urlsplit(b.strip().rstrip("/"))
+    return (x.scheme.lower(), (x.hostname or "").lower(), x.port, x.path) == (
+        y.scheme.lower(), (y.hostname or "").lower(), y.port, y.path
+    )  # fmt: skip
+
+
+def run_wandb_key(settings: Settings, *, job_key: str | None, job_base_url: str | None) -> str | None:
+    """The W&B key a run gets: the job's own; else the server's, only where the operator allows it and the job does
+    not send its data to a W&B server of its own choosing; else none (the run then says it has no key)."""
+    if job_key:
+        return job_key
+    if settings.wandb_server_key and job_base_url is None:
+        return os.environ.get("WANDB_API_KEY") or None
+    return None

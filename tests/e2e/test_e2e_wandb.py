@@ -10,11 +10,13 @@ reports the run's page as `wandb_url`. The key is echoed by no API answer and wr
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 from ft_support import (
+    TINY_LLAMA,
     Watch,
     client,
     create_job,
@@ -34,6 +36,11 @@ N_EXAMPLES, EPOCHS, BATCH = 8, 2, 4
 STEPS = EPOCHS * N_EXAMPLES // BATCH  # batch_size counts examples per step, packed or not
 
 
+def _allowing(*stubs: WandbStub) -> dict[str, str]:
+    """The server setting that lets jobs name these W&B servers (any other wandb_base_url is refused at create)."""
+    return {"TUNEFORGE_WANDB_BASE_URLS": json.dumps([stub.base_url for stub in stubs])}
+
+
 def test_a_job_with_a_wandb_key_logs_its_metrics_to_wandb(tmp_path: Path) -> None:
     skip_without_training()
     key = "tfwb" + uuid.uuid4().hex + uuid.uuid4().hex[:8]  # wandb wants 40+ characters
@@ -42,7 +49,7 @@ def test_a_job_with_a_wandb_key_logs_its_metrics_to_wandb(tmp_path: Path) -> Non
     # wandb's config and cache folders where this test can search them.
     env = {"WANDB_MODE": "online", "WANDB_CONFIG_DIR": str(wandb_home / "config"),
            "WANDB_CACHE_DIR": str(wandb_home / "cache"), "WANDB_DATA_DIR": str(wandb_home / "data")}  # fmt: skip
-    with WandbStub() as stub, ft_server(tmp_path, owners=("alice",), env=env) as server:
+    with WandbStub() as stub, ft_server(tmp_path, owners=("alice",), env=env | _allowing(stub)) as server:
         alice = client(server, server.keys["alice"])
         file_id = upload_ready(alice, tmp_path / "facts.jsonl", qa_records(N_EXAMPLES))
         job = create_job(alice, file_id, n_epochs=EPOCHS, batch_size=BATCH, n_checkpoints=1, wandb_api_key=key,
@@ -87,3 +94,34 @@ def test_a_job_with_a_wandb_key_logs_its_metrics_to_wandb(tmp_path: Path) -> Non
                  if p.is_file() and p.name not in database and key.encode() in p.read_bytes()]  # fmt: skip
         assert not leaks, f"the W&B key is written in {leaks}"
         assert list((server.home / "work" / job.id / "wandb").glob(f"run-*-{job.id}/run-{job.id}.wandb"))
+
+
+@pytest.mark.parametrize("server_key_allowed", [False, True])
+def test_the_operators_wandb_key_never_goes_where_a_job_points(tmp_path: Path, server_key_allowed: bool) -> None:
+    """The server holds a W&B key of its own. A job naming a W&B server the operator did not allow is refused at
+    create; one naming an allowed server but bringing no key of its own trains without W&B (one warning), and that
+    server never sees the operator's key, even where the operator lets keyless jobs use it (that key only ever
+    goes to the server's own W&B, and a job that names another gets none)."""
+    skip_without_training()
+    operator_key = "tfoperator" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    with WandbStub() as allowed, WandbStub() as elsewhere:
+        env = {"WANDB_MODE": "online", "WANDB_API_KEY": operator_key, **_allowing(allowed),
+               "TUNEFORGE_WANDB_SERVER_KEY": "true" if server_key_allowed else "false"}  # fmt: skip
+        with ft_server(tmp_path, owners=("alice",), env=env) as server:
+            alice = client(server, server.keys["alice"])
+            file_id = upload_ready(alice, tmp_path / "facts.jsonl", qa_records(4))
+            with server.http(server.keys["alice"]) as http:
+                body = {"training_file": file_id, "model": TINY_LLAMA, "wandb_base_url": elsewhere.base_url,
+                        "wandb_project_name": "p"}  # fmt: skip
+                r = http.post("/v1/fine-tunes", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "wandb_base_url", r.text
+            assert allowed.base_url in r.json()["error"]["message"]
+
+            job = create_job(alice, file_id, n_epochs=1, batch_size=4, n_checkpoints=1,
+                             wandb_base_url=allowed.base_url, wandb_project_name="p")  # fmt: skip
+            done = Watch(alice, job.id).completed(timeout=180)
+            warnings = [e.message for e in events(alice, job.id) if e.type == "warning"]
+            assert any("no W&B key" in m for m in warnings), warnings
+            assert done.wandb_url is None
+        assert operator_key not in allowed.api_keys | elsewhere.api_keys
+        assert allowed.requests == [] and elsewhere.requests == []  # nothing was sent anywhere

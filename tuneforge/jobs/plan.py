@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from tuneforge.errors import InvalidRequestError, NotFoundError
 from tuneforge.jobs import references as refs
 from tuneforge.jobs.request import FineTuneCreate, TrainingMethodIn, TrainingTypeIn
 from tuneforge.jobs.stored_plan import plan_of
+from tuneforge.settings import DEFAULT_WANDB_URL, same_url
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import final_prefix
 from tuneforge.store import jobs as repo
@@ -74,7 +76,10 @@ class _Parent:
     from_final: bool = True
 
 
-def build_plan(s: Session, blobs: BlobStore, catalog: Catalog, *, owner: str, body: FineTuneCreate) -> Planned:
+def build_plan(
+    s: Session, blobs: BlobStore, catalog: Catalog, *, owner: str, body: FineTuneCreate,
+    wandb_base_urls: Sequence[str] = (DEFAULT_WANDB_URL,),
+) -> Planned:  # fmt: skip
     """Resolve the request against the catalog and the caller's files and jobs.
 
     Raises:
@@ -146,6 +151,12 @@ def build_plan(s: Session, blobs: BlobStore, catalog: Catalog, *, owner: str, bo
         "base_url": refs.present(body.wandb_base_url),
     }
     wants_wandb = any(wandb_fields.values()) or "wandb_key" in secrets
+    base_url = wandb_fields["base_url"]
+    if base_url is not None and not any(same_url(base_url, allowed) for allowed in wandb_base_urls):
+        allowed = ", ".join(wandb_base_urls) or "none"
+        p.add("wandb_base_url", f"wandb_base_url {base_url!r} is not a W&B server this server sends data to; "
+              f"allowed: {allowed} (the operator's TUNEFORGE_WANDB_BASE_URLS)")  # fmt: skip
+        p.raise_if_any()
     report = train.validation_report or {}
     plan = JobPlan(
         method=method,  # type: ignore[arg-type]  # checked against METHODS above

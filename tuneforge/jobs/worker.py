@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from tuneforge.jobs import queue
 from tuneforge.jobs.executors.base import Executor, Handle
 from tuneforge.jobs.specs import build_spec, work_dir
-from tuneforge.settings import Settings, child_environment
+from tuneforge.settings import Settings, child_environment, run_wandb_key
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import spec_key
 from tuneforge.store import Database
@@ -37,6 +37,7 @@ from tuneforge.store import jobs as repo
 from tuneforge.store.states import TERMINAL, JobStatus
 from tuneforge.store.tables import CheckpointRow, JobRow
 from tuneforge.train.events import Checkpoint, Event, Metric, Progress, Record, Result, read_events
+from tuneforge.train.spec import JobPlan
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -209,7 +210,8 @@ class Worker:
                 fh.write(spec.to_json())
             with self.blobs.writer(spec_key(job.id)) as w:
                 w.write(spec.to_json())
-            handle = self.executor.start(spec, spec_path=spec_path, env=_run_env(claimed.secrets))
+            env = _run_env(self.settings, claimed.plan, claimed.secrets)
+            handle = self.executor.start(spec, spec_path=spec_path, env=env)
         except Exception as exc:
             log.exception("could not start job %s", job.id)
             queue.finish(self.db, job_id=job.id, status=S.ERROR, event_type="job_error", level="error",
@@ -407,10 +409,13 @@ def _runner_json(run: Run, *, offset: int | None = None) -> dict[str, object]:
             "attempt": run.attempt, "result": msgspec.to_builtins(run.result) if run.result else None}  # fmt: skip
 
 
-def _run_env(secrets: dict[str, str]) -> dict[str, str]:
+def _run_env(settings: Settings, plan: JobPlan, secrets: dict[str, str]) -> dict[str, str]:
+    """The run's explicit environment: the server's allowed variables, and the job's own credentials."""
     extra = {}
-    if secrets.get("wandb_key"):
-        extra["WANDB_API_KEY"] = str(secrets["wandb_key"])
+    key = run_wandb_key(settings, job_key=secrets.get("wandb_key"),
+                        job_base_url=plan.wandb.base_url if plan.wandb else None)  # fmt: skip
+    if key:
+        extra["WANDB_API_KEY"] = key
     if secrets.get("hf_api_token"):
         extra["HF_TOKEN"] = str(secrets["hf_api_token"])
     return child_environment(**extra)

@@ -231,6 +231,8 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("random_seed", {"random_seed": -1}),
     ("gradient_accumulation_steps", {"gradient_accumulation_steps": -2}),
     ("gradient_accumulation_steps", {"gradient_accumulation_steps": 0}),
+    ("wandb_base_url", {"wandb_base_url": "http://127.0.0.1:9/", "wandb_api_key": "k" * 40}),
+    ("wandb_base_url", {"wandb_base_url": "https://api.wandb.ai.example.org"}),
     ("training_file", {"training_file": ""}),
     ("training_type", {"model": "test/plain", "training_type": {"type": "Full"}}),
     ("training_method.method", {"model": "test/plain", "training_method": DPO}),

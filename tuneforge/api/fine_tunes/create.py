@@ -30,6 +30,6 @@ def create_job(
 ) -> tuple[JobRow, bool]:
     """Check the request and store the job as `queued`. Returns the job and whether it is new (False: a retry)."""
     with db.session() as s:
-        planned = build_plan(s, blobs, catalog, owner=owner, body=body)
+        planned = build_plan(s, blobs, catalog, owner=owner, body=body, wandb_base_urls=settings.wandb_base_urls)
     return queue.enqueue(db, planned, owner=owner, request_hash=request_hash(body),
                          window_s=settings.duplicate_job_window_s)  # fmt: skip
