@@ -209,6 +209,11 @@ def test_put_with_a_bad_or_expired_signature(server: LiveServer, alice_http: htt
     assert_envelope(httpx.put(later, content=data), 403, "signature")
     assert_envelope(httpx.put(_sign(server, up.file_id, -60), content=data), 403, "expired")
     assert_envelope(httpx.put(url.copy_remove_param("sig"), content=data), 400, "sig")
+    # A signature that is not even hex (non-ASCII, too long) is a wrong signature too: 403, never a 500.
+    tracebacks = server.log().count("Traceback")
+    for odd in ("é" * 64, "\u00ff", sig + "0", sig.upper(), " " + sig[1:]):
+        assert_envelope(httpx.put(url.copy_set_param("sig", odd), content=data), 403, "signature")
+    assert server.log().count("Traceback") == tracebacks  # a client's mistake costs no traceback in the log
     assert_envelope(httpx.put(url.copy_set_param("expires", "soon"), content=data), 400, "expires")
     assert_nothing_stored(server, alice_http, up.file_id)
 
