@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     stale_upload_s: int = 24 * 3600
     max_file_bytes: int = int(50.1 * GIB)
     multipart_threshold_bytes: int = 5 * GIB
+    max_body_bytes: int = Field(
+        4 * MIB, description="largest request body outside the upload URLs (JSON, forms); a larger one gets 413"
+    )
     max_line_bytes: int = 150 * MIB
     max_report_errors: int = 20
     validation_workers: int = 1

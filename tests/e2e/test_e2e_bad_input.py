@@ -595,3 +595,65 @@ def test_unknown_routes(server: LiveServer, alice_http: httpx.Client, method: st
     if status == 404:
         assert path in body["error"]["message"]
     server.assert_serving()
+
+
+# --- oversized bodies -----------------------------------------------------------------------------------------------
+
+BIG = 200 * 2**20  # a 200 MB JSON body
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _raw_post(server: LiveServer, key: str, path: str, *, chunked: bool) -> tuple[int, bytes, int]:
+    """POST a 200 MB JSON body over a raw socket, the way a hostile client would (declared, or chunked without a
+    length), reading the answer as soon as one comes. Returns (status, body, bytes sent before the answer)."""
+    import select
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {BIG}"
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\n{framing}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode())
+    block = b'{"pad": "' + b"x" * (2**20 - 11) + b'",'
+    sent, answer = 0, b""
+    try:
+        while sent < BIG:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered: stop sending
+            data = (f"{len(block):x}\r\n".encode() + block + b"\r\n") if chunked else block
+            sock.sendall(data)
+            sent += len(block)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server closed the connection after its answer
+    sock.settimeout(30)
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 10:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1], sent
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+def test_a_200_mb_json_body_gets_413_before_it_is_read(server: LiveServer, alice_key: str, chunked: bool) -> None:
+    before = _rss_mb(server.proc.pid)
+    started = time.monotonic()
+    status, body, sent = _raw_post(server, alice_key, "/v1/fine-tunes", chunked=chunked)
+    took = time.monotonic() - started
+    assert status == 413, body[:300]
+    error = json.loads(body)["error"]
+    assert error["type"] == "request_too_large" and "at most" in error["message"]
+    grew = _rss_mb(server.proc.pid) - before
+    print(f"{'chunked' if chunked else 'declared'}: 413 after {sent / 2**20:.0f} MiB sent, {took:.2f} s, "
+          f"server memory +{grew:.1f} MB")
+    assert grew < 50, f"the server's memory grew {grew:.0f} MB"
+    assert sent < 64 * 2**20  # it answered long before the whole body could arrive
+    server.assert_serving()

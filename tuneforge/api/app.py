@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from tuneforge import __version__
+from tuneforge.api.body_limit import BodyLimit
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
@@ -77,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
         else None
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     v1 = APIRouter(prefix="/v1")
     v1.include_router(files.router)
