@@ -527,6 +527,8 @@ def test_multipart_complete_with_a_wrong_etag_then_abort(server: LiveServer, ali
     r = alice_http.post("/v1/files/multipart/abort", json={"upload_id": upload_id, "file_id": file_id})
     assert r.status_code == 200, r.text
     assert_nothing_stored(server, alice_http, file_id)
+    r = alice_http.post("/v1/files/multipart/abort", json={"upload_id": upload_id, "file_id": file_id})
+    assert_envelope(r, 404, upload_id)  # gone: a second abort finds nothing
     r = alice_http.post(
         "/v1/files/multipart/complete", json={"upload_id": upload_id, "file_id": file_id, "parts": parts}
     )

@@ -295,10 +295,15 @@ def complete_multipart(
 
 
 def abort_multipart(db: Database, blobs: BlobStore, *, owner: str, file_id: str, upload_id: str) -> None:
+    """Forget an unfinished multipart upload and its parts. Another owner's or an unknown upload is a 404 (as a
+    second abort is); a finished one is a 409 (delete the file instead)."""
     with db.session() as s:
         row = s.get(FileRow, file_id)
-        if row is None or row.owner != owner or row.upload_id != upload_id or row.state != "uploading":
-            return
+        if row is None or row.owner != owner or row.upload_id != upload_id:
+            raise NotFoundError(f"no multipart upload {upload_id!r} of file {file_id!r}", param="upload_id")
+        if row.state != "uploading":
+            raise ConflictError(f"the multipart upload of file {file_id} is already complete: delete the file "
+                                "instead", param="file_id")  # fmt: skip
         repo.delete_row(s, file_id=file_id)
     blobs.delete_prefix(f"uploads/{file_id}")
 
