@@ -191,11 +191,12 @@ def worker(home: HomeOpt = None) -> None:
     from tuneforge.jobs.worker import Worker
     from tuneforge.storage import open_blob_store
     from tuneforge.store import open_database
+    from tuneforge.store.sealing import home_key
 
     settings = _settings(home)
     settings.ensure_home()
     runner = Worker(
-        open_database(settings.database_url),
+        open_database(settings.database_url, secrets_key=home_key(settings.home, settings.secrets_key)),
         open_blob_store(settings.storage_url),
         settings,
         make_executor(settings.executor),

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         "", description="base URL clients reach the server at (for upload URLs); default: the request's own"
     )
     upload_secret: str = Field("", description="HMAC key that signs upload URLs; default: random per home")
+    secrets_key: str = Field(
+        "", description="Fernet key that seals job secrets at rest; default: a key file made in the home folder (0600)"
+    )
     upload_url_ttl_s: int = 24 * 3600
     stale_upload_s: int = 24 * 3600
     max_file_bytes: int = int(50.1 * GIB)
@@ -125,7 +128,9 @@ class Settings(BaseSettings):
         return self
 
     def ensure_home(self) -> None:
+        """The home folder, readable by its owner only (it holds the database, keys and job data)."""
         self.home.mkdir(parents=True, exist_ok=True)
+        self.home.chmod(0o700)
 
 
 def same_url(a: str, b: str) -> bool:

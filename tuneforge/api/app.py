@@ -25,6 +25,7 @@ from tuneforge.jobs.worker import Worker
 from tuneforge.settings import Settings
 from tuneforge.storage import open_blob_store
 from tuneforge.store import open_database
+from tuneforge.store.sealing import home_key
 
 log = logging.getLogger("tuneforge.api")
 
@@ -42,7 +43,7 @@ def _upload_secret(settings: Settings) -> bytes:
 
 def create_app(settings: Settings) -> FastAPI:
     settings.ensure_home()
-    db = open_database(settings.database_url)
+    db = open_database(settings.database_url, secrets_key=home_key(settings.home, settings.secrets_key))
     blobs = open_blob_store(settings.storage_url)
 
     @asynccontextmanager

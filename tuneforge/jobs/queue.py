@@ -23,6 +23,7 @@ from tuneforge.jobs.stored_plan import plan_of
 from tuneforge.store import Database
 from tuneforge.store import files as files_repo
 from tuneforge.store import jobs as repo
+from tuneforge.store.sealing import UnreadableSecretsError
 from tuneforge.store.states import LEASED, LIVE, TERMINAL, JobStatus, can_transition
 from tuneforge.store.tables import CheckpointRow, JobRow
 from tuneforge.train.spec import JobPlan
@@ -132,13 +133,16 @@ def claim(db: Database, *, worker_id: str) -> Claim | None:
             s.refresh(job)
             try:
                 plan = plan_of(job)
-            except (msgspec.ValidationError, ValueError, KeyError, TypeError) as exc:
-                # One unreadable plan (written by a newer tuneforge, or damaged) must not block the queue behind it.
-                why = f"This server cannot read the job's stored plan ({exc})"
+                secrets = repo.job_secrets(s, job)
+            except (msgspec.ValidationError, ValueError, KeyError, TypeError, UnreadableSecretsError) as exc:
+                # One unreadable job (a plan by a newer tuneforge, another server's secrets key, damage) must not
+                # block the queue behind it.
+                what = "secrets" if isinstance(exc, UnreadableSecretsError) else "plan"
+                why = f"This server cannot read the job's stored {what} ({exc})"
                 repo.transition(s, job_id=job.id, from_statuses=(S.RUNNING,), to_status=S.ERROR, event_type="job_error",
                                 message=why, level="error", held_by=worker_id, error=why)  # fmt: skip
                 continue
-            return Claim(job=job, plan=plan, attempt=attempt, resume=resume, secrets=dict(job.secrets or {}))
+            return Claim(job=job, plan=plan, attempt=attempt, resume=resume, secrets=secrets)
     return None
 
 

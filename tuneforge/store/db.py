@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,14 +12,18 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneforge.store.sealing import Sealer, ephemeral_sealer
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class Database:
     """A migrated database and a session factory."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, secrets_key: bytes | None = None) -> None:
         self.url = url
+        # Seals job secrets at rest (store/sealing.py); without a key, one that lives only in this process.
+        self.sealer = Sealer(secrets_key) if secrets_key else ephemeral_sealer()
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
@@ -41,6 +47,7 @@ class Database:
     def session(self) -> Iterator[Session]:
         """A session that commits on success and rolls back on error."""
         with self._sessions() as s:
+            s.info["sealer"] = self.sealer
             try:
                 yield s
                 s.commit()
@@ -60,7 +67,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def open_database(url: str) -> Database:
-    db = Database(url)
+def open_database(url: str, *, secrets_key: bytes | None = None) -> Database:
+    """The database at `url`, migrated; a SQLite file (and its WAL and shared-memory files) readable by its owner
+    only."""
+    db = Database(url, secrets_key=secrets_key)
     db.migrate()
+    if db.engine.dialect.name == "sqlite" and db.engine.url.database not in (None, "", ":memory:"):
+        path = str(db.engine.url.database)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(path + suffix, 0o600)
     return db

@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.errors import NotFoundError
+from tuneforge.store.sealing import Sealer
 from tuneforge.store.states import LEASED, TERMINAL, IllegalTransitionError, JobStatus, can_transition, sources_of
 from tuneforge.store.tables import CheckpointRow, JobEventRow, JobMetricRow, JobRow
 
@@ -28,10 +29,23 @@ def insert_job(session: Session, *, row: JobRow, event_type: str, message: str) 
     fail with IntegrityError (the unique index decides a race, not a read before the insert)."""
     if row.status != JobStatus.PENDING:
         raise IllegalTransitionError(f"a new job starts pending, not {row.status}")
+    row.secrets = _sealer(session).seal(dict(row.secrets or {}))
     session.add(row)
     session.flush()
     add_event(session, job_id=row.id, type_=event_type, message=message)
     return row
+
+
+def _sealer(session: Session) -> Sealer:
+    sealer = session.info.get("sealer")
+    if not isinstance(sealer, Sealer):
+        raise RuntimeError("a session of Database.session() carries the sealer of job secrets")
+    return sealer
+
+
+def job_secrets(session: Session, job: JobRow) -> dict[str, str]:
+    """The job's secrets, opened (they are stored sealed: store/sealing.py)."""
+    return _sealer(session).open(job.secrets)
 
 
 def job_holding_key(session: Session, *, key: str) -> JobRow | None:

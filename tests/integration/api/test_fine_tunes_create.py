@@ -149,7 +149,16 @@ def test_secrets_are_kept_but_never_shown(ft, train_file: str) -> None:
         ft.sdk_body(train_file, wandb_key="wandb-secret-42", wandb_project_name="proj", hf_api_token="hf_secret_42")
     )
     assert job["wandb_project_name"] == "proj"
-    assert _row(ft, job["id"]).secrets == {"wandb_key": "wandb-secret-42", "hf_api_token": "hf_secret_42"}
+    row = _row(ft, job["id"])
+    assert "secret" not in json.dumps(row.secrets)  # stored sealed, with a key kept outside the database
+    with ft.app.state.db.session() as s:
+        assert repo.job_secrets(s, row) == {"wandb_key": "wandb-secret-42", "hf_api_token": "hf_secret_42"}
+    db_files = [p for p in ft.settings.home.iterdir() if p.name.startswith("tuneforge.db")]
+    assert db_files and all(b"secret_42" not in p.read_bytes() and b"secret-42" not in p.read_bytes()
+                            for p in db_files)  # fmt: skip
+    assert (ft.settings.home / "secrets.key").stat().st_mode & 0o777 == 0o600
+    assert ft.settings.home.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in db_files)
     for path in (f"/v1/fine-tunes/{job['id']}", "/v1/fine-tunes", f"/v1/fine-tunes/{job['id']}/events"):
         text = ft.client.get(path, headers=ft.alice).text
         assert "secret_42" not in text and "secret-42" not in text

@@ -84,7 +84,7 @@ def test_another_owner_sees_nothing(ft, train_file) -> None:
 def test_cancel(ft, train_file, recording_worker) -> None:
     queued = ft.create(ft.sdk_body(train_file, wandb_key="wandb-key-to-forget"))
     with ft.app.state.db.session() as s:
-        assert repo.get_job(s, job_id=queued["id"]).secrets == {"wandb_key": "wandb-key-to-forget"}
+        assert repo.job_secrets(s, repo.get_job(s, job_id=queued["id"])) == {"wandb_key": "wandb-key-to-forget"}
     body = ft.client.post(f"/v1/fine-tunes/{queued['id']}/cancel", headers=ft.alice).json()
     assert body["status"] == "cancelled"
     with ft.app.state.db.session() as s:

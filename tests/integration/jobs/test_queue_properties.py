@@ -308,7 +308,8 @@ class QueueMachine(RuleBasedStateMachine):
                 lost_last = row.attempt == MAX_ATTEMPTS and "unexpectedly" in (row.error or "")
                 assert status != S.ERROR or lost_last, (row.id, row.attempt, row.error)
             else:
-                assert row.secrets == SECRETS and row.finished_at is None, row.id  # a resumed run needs them
+                opened = self.db.sealer.open(row.secrets)  # stored sealed
+                assert opened == SECRETS and row.finished_at is None, row.id  # a resumed run needs them
 
     @invariant()
     def each_attempt_starts_once_and_the_row_names_its_holders_run(self) -> None:
