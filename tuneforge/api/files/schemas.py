@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuneforge.api.bodies import RequestBody
+
 Purpose = Literal["fine-tune", "calibration", "eval", "batch-api"]
 FileType = Literal["jsonl", "parquet", "csv"]
 PURPOSES: tuple[str, ...] = ("fine-tune", "calibration", "eval", "batch-api")
@@ -39,7 +41,7 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-class MultipartInitiate(BaseModel):
+class MultipartInitiate(RequestBody):
     file_name: str
     file_size: int
     num_parts: int
@@ -60,17 +62,17 @@ class MultipartInitiated(BaseModel):
     parts: list[MultipartPartURL]
 
 
-class CompletedPart(BaseModel):
+class CompletedPart(RequestBody):
     part_number: int
     etag: str
 
 
-class MultipartComplete(BaseModel):
+class MultipartComplete(RequestBody):
     upload_id: str
     file_id: str
     parts: list[CompletedPart]
 
 
-class MultipartAbort(BaseModel):
+class MultipartAbort(RequestBody):
     upload_id: str
     file_id: str

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from tuneforge.api.bodies import RequestBody
 from tuneforge.jobs.request import (
     FineTuneCreate,
     LrSchedulerArgsIn,
@@ -21,7 +22,7 @@ from tuneforge.jobs.request import (
 )
 
 
-class _Lenient(BaseModel):
+class _Lenient(RequestBody):
     model_config = ConfigDict(extra="ignore")
 
 
