@@ -193,9 +193,9 @@ def test_second_put_after_success(server: LiveServer, alice_http: httpx.Client) 
     assert not list((server.blobs / ".tmp").iterdir())
 
 
-def _sign(server: LiveServer, file_id: str, ttl_s: int) -> str:
+def _sign(server: LiveServer, file_id: str, ttl_s: int, key_id: str) -> str:
     secret = (server.home / "upload_secret").read_text().strip().encode()
-    return f"{server.base}/uploads/{file_id}?{signed_query(secret, file_id, 0, ttl_s)}"
+    return f"{server.base}/uploads/{file_id}?{signed_query(secret, file_id, 0, ttl_s, key_id=key_id)}"
 
 
 def test_put_with_a_bad_or_expired_signature(server: LiveServer, alice_http: httpx.Client) -> None:
@@ -207,17 +207,30 @@ def test_put_with_a_bad_or_expired_signature(server: LiveServer, alice_http: htt
     assert_envelope(httpx.put(tampered, content=data), 403, "signature")
     later = url.copy_set_param("expires", str(int(url.params["expires"]) + 3600))
     assert_envelope(httpx.put(later, content=data), 403, "signature")
-    assert_envelope(httpx.put(_sign(server, up.file_id, -60), content=data), 403, "expired")
+    assert_envelope(httpx.put(_sign(server, up.file_id, -60, url.params["kid"]), content=data), 403, "expired")
     assert_envelope(httpx.put(url.copy_remove_param("sig"), content=data), 400, "sig")
     # A signature that is not even hex (non-ASCII, too long) is a wrong signature too: 403, never a 500.
     tracebacks = server.log().count("Traceback")
     for odd in ("é" * 64, "\u00ff", sig + "0", sig.upper(), " " + sig[1:]):
         assert_envelope(httpx.put(url.copy_set_param("sig", odd), content=data), 403, "signature")
     assert server.log().count("Traceback") == tracebacks  # a client's mistake costs no traceback in the log
+    assert_envelope(httpx.put(url.copy_set_param("kid", "key-of-someone-else"), content=data), 403, "signature")
     assert_envelope(httpx.put(url.copy_set_param("expires", "soon"), content=data), 400, "expires")
     assert_nothing_stored(server, alice_http, up.file_id)
 
     assert put_bytes(up.location, data).status_code == 200
+
+
+def test_revoking_a_key_ends_the_signed_urls_it_made(server: LiveServer) -> None:
+    name = f"short-lived-{unique()}"
+    key = server.create_key(name, "alice")
+    with server.http(key) as http:
+        data = dataset()
+        up = opened(http, data=data)
+    server.revoke_key(name)
+    assert_envelope(httpx.put(up.location, content=data), 403, "revoked")
+    with server.http(server.create_key(f"alice-again-{unique()}", "alice")) as http:
+        assert up.file_id not in listed_ids(http)
 
 
 def test_put_for_a_deleted_or_unknown_file(server: LiveServer, alice_http: httpx.Client) -> None:
@@ -231,7 +244,8 @@ def test_put_for_a_deleted_or_unknown_file(server: LiveServer, alice_http: httpx
 
     # A correctly signed URL for a file id the server never issued.
     ghost = "file-00000000-0000-4000-8000-" + unique()[:12]
-    assert_envelope(put_bytes(_sign(server, ghost, 60), data), 404)
+    kid = httpx.URL(up.location).params["kid"]
+    assert_envelope(put_bytes(_sign(server, ghost, 60, kid), data), 404)
     assert not (server.blobs / "files" / ghost).exists()
     assert_nothing_stored(server, alice_http, None)
 

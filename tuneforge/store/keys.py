@@ -42,6 +42,12 @@ def find_active_key(session: Session, *, secret: str) -> ApiKey | None:
     return row
 
 
+def key_is_active(session: Session, *, key_id: str) -> bool:
+    """Whether the key exists and is not revoked (what a URL it signed needs, every time it is used)."""
+    row = session.get(ApiKey, key_id)
+    return row is not None and row.revoked_at is None
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 

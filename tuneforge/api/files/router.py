@@ -58,17 +58,18 @@ def create_file(
         file_type=file_type,
         checksum=checksum,
     )
-    query = signed_query(_secret(request), row.id, 0, settings.upload_url_ttl_s)
+    query = signed_query(_secret(request), row.id, 0, settings.upload_url_ttl_s, key_id=principal.key_id)
     location = f"{_base_url(request, settings.public_url)}/uploads/{row.id}?{query}"
     return Response(status_code=302, headers={"Location": location, "X-Together-File-Id": row.id})
 
 
 @uploads.put("/{file_id}", response_class=JSONResponse)
 async def put_file_content(
-    file_id: str, request: Request, expires: int, sig: str, db: DbDep, blobs: BlobsDep, settings: SettingsDep
-) -> JSONResponse:
+    file_id: str, request: Request, expires: int, kid: str, sig: str, db: DbDep, blobs: BlobsDep,
+    settings: SettingsDep,
+) -> JSONResponse:  # fmt: skip
     """Receive the bytes of a single-PUT upload, streamed and checked against the declared SHA-256."""
-    verify(_secret(request), file_id, 0, expires, sig)
+    verify(db, _secret(request), file_id, 0, expires, sig, kid)
     row = service.pending_upload(db, file_id=file_id, kind="single")
     declared = _declared_length(request, settings.max_file_bytes)
     sha = hashlib.sha256()
@@ -90,13 +91,14 @@ async def put_file_part(
     part_number: int,
     request: Request,
     expires: int,
+    kid: str,
     sig: str,
     db: DbDep,
     blobs: BlobsDep,
     settings: SettingsDep,
 ) -> JSONResponse:
     """Receive one part of a multipart upload; answers with its MD5 as the ETag."""
-    verify(_secret(request), file_id, part_number, expires, sig)
+    verify(db, _secret(request), file_id, part_number, expires, sig, kid)
     row = service.pending_upload(db, file_id=file_id, kind="multipart")
     if not 1 <= part_number <= (row.num_parts or 0):
         raise InvalidRequestError(f"part number {part_number} is outside 1..{row.num_parts}", param="part_number")
@@ -157,10 +159,11 @@ def initiate_multipart_upload(
     )
     base = _base_url(request, settings.public_url)
     secret, ttl = _secret(request), settings.upload_url_ttl_s
-    parts = [
-        MultipartPartURL(PartNumber=n, URL=f"{base}/uploads/{row.id}/parts/{n}?{signed_query(secret, row.id, n, ttl)}")
-        for n in range(1, body.num_parts + 1)
-    ]
+
+    def part_url(n: int) -> str:
+        return f"{base}/uploads/{row.id}/parts/{n}?{signed_query(secret, row.id, n, ttl, key_id=principal.key_id)}"
+
+    parts = [MultipartPartURL(PartNumber=n, URL=part_url(n)) for n in range(1, body.num_parts + 1)]
     return MultipartInitiated(upload_id=row.upload_id or "", file_id=row.id, parts=parts)
 
 

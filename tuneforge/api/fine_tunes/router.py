@@ -162,7 +162,7 @@ def retrieve_tokenized_dataset(
     """A signed URL to the tokenized training set: the CLI fetches it without any API key."""
     _, size = service.tokenized_dataset(db, blobs, owner=principal.owner, job_id=job_id)
     ttl = settings.upload_url_ttl_s
-    query = signed_query(request.app.state.upload_secret, job_id, TOKENIZED_PART, ttl)
+    query = signed_query(request.app.state.upload_secret, job_id, TOKENIZED_PART, ttl, key_id=principal.key_id)
     base = (settings.public_url or str(request.base_url)).rstrip("/")
     return TokenizedDatasetPublic(
         url=f"{base}/v1/fine-tunes/{quote(job_id)}/tokenized-dataset?{query}",
@@ -175,10 +175,10 @@ def retrieve_tokenized_dataset(
 
 @router.get("/{job_id}/tokenized-dataset")
 def download_tokenized_dataset(
-    request: Request, job_id: str, expires: int, sig: str, db: DbDep, blobs: BlobsDep
+    request: Request, job_id: str, expires: int, kid: str, sig: str, db: DbDep, blobs: BlobsDep
 ) -> StreamingResponse:
-    """The signed, unauthenticated fetch of a tokenized training set."""
-    verify(request.app.state.upload_secret, job_id, TOKENIZED_PART, expires, sig)
+    """The signed fetch of a tokenized training set (no API key: the URL authorises it, while its key lives)."""
+    verify(db, request.app.state.upload_secret, job_id, TOKENIZED_PART, expires, sig, kid)
     key, size = service.tokenized_dataset(db, blobs, owner=None, job_id=job_id)
     return StreamingResponse(
         archives.iter_bytes(blobs, key, 0, size - 1),
