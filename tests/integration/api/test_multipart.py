@@ -172,3 +172,33 @@ def test_part_bigger_than_the_file_is_refused(api):
     init = _initiate(api, LINE, 1).json()
     r = _put(api, init["parts"][0]["URL"], LINE * 3)
     assert r.status_code == 413
+
+
+def test_parts_can_never_store_more_than_the_declared_file(api):
+    """8 parts, each as large as the whole declared file: the first fits (a small file's part may be all of it),
+    every later one is refused, and what is stored never passes the declared size."""
+    data = LINE * 200
+    init = _initiate(api, data, 8).json()
+    urls = [p["URL"] for p in init["parts"]]
+    assert _put(api, urls[0], data).status_code == 200
+    for url in urls[1:]:
+        r = _put(api, url, data)
+        assert r.status_code == 413 and "no room left" in r.json()["error"]["message"], r.text
+    stored = list((api.settings.home / "blobs").glob(f"uploads/{init['file_id']}/part-*"))
+    assert sum(p.stat().st_size for p in stored) <= len(data)
+    assert _put(api, urls[0], data[:10]).status_code == 200  # a part sent again replaces its earlier bytes
+
+
+def test_a_large_files_parts_are_held_to_the_declared_part_size(api):
+    """Above the SDK's smallest part, a part may hold the file split evenly, not more: 8 parts of a 48 MiB file
+    hold 6 MiB each (as the SDK sends them), and a 7 MiB part is refused before it is stored."""
+    size = 48 << 20
+    body = {"file_name": "big.jsonl", "file_size": size, "num_parts": 8, "purpose": "fine-tune",
+            "file_type": "jsonl", "checksum": "0" * 64}  # fmt: skip
+    init = api.client.post("/v1/files/multipart/initiate", json=body, headers=api.alice).json()
+    url = urlsplit(init["parts"][0]["URL"])
+    r = api.client.put(f"{url.path}?{url.query}", content=b"x" * (7 << 20))
+    assert r.status_code == 413, r.text
+    assert not list((api.settings.home / "blobs").glob(f"uploads/{init['file_id']}/part-*"))
+    r = api.client.put(f"{url.path}?{url.query}", content=b"x" * (6 << 20))
+    assert r.status_code == 200, r.text

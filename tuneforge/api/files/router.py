@@ -102,7 +102,10 @@ async def put_file_part(
     row = service.pending_upload(db, file_id=file_id, kind="multipart")
     if not 1 <= part_number <= (row.num_parts or 0):
         raise InvalidRequestError(f"part number {part_number} is outside 1..{row.num_parts}", param="part_number")
-    limit = row.expected_bytes or settings.max_file_bytes
+    limit = service.part_limit(blobs, row, part_number)
+    if limit <= 0:
+        raise PayloadTooLargeError(f"the parts already received hold the declared {row.expected_bytes} bytes of "
+                                   f"file {file_id}; part {part_number} has no room left")  # fmt: skip
     declared = _declared_length(request, limit)
     md5 = hashlib.md5(usedforsecurity=False)
     writer = blobs.writer(service.part_key(file_id, part_number))

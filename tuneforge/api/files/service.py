@@ -41,6 +41,22 @@ def blob_key(file_id: str) -> str:
     return file_key(file_id)
 
 
+MIN_PART_BYTES = 5 << 20  # the together SDK's smallest part (S3's): it never splits into parts below this
+
+
+def part_limit(blobs: BlobStore, row: FileRow, part_number: int) -> int:
+    """The most bytes part `part_number` of a multipart upload may hold: the declared part size (the file split
+    evenly into its parts, as the SDK splits it, and at least the SDK's smallest part), and never more than what the
+    declared file size leaves after the parts already stored (a part sent again replaces its earlier bytes)."""
+    expected, parts = row.expected_bytes or 0, row.num_parts or 1
+    per_part = min(expected, max(-(-expected // parts), MIN_PART_BYTES))
+    stored = 0
+    for k in range(1, parts + 1):
+        if k != part_number and blobs.exists(part_key(row.id, k)):
+            stored += blobs.size(part_key(row.id, k))
+    return min(per_part, expected - stored)
+
+
 def part_key(file_id: str, part: int) -> str:
     return f"uploads/{file_id}/part-{part:05d}"
 
