@@ -50,10 +50,8 @@ def part_limit(blobs: BlobStore, row: FileRow, part_number: int) -> int:
     declared file size leaves after the parts already stored (a part sent again replaces its earlier bytes)."""
     expected, parts = row.expected_bytes or 0, row.num_parts or 1
     per_part = min(expected, max(-(-expected // parts), MIN_PART_BYTES))
-    stored = 0
-    for k in range(1, parts + 1):
-        if k != part_number and blobs.exists(part_key(row.id, k)):
-            stored += blobs.size(part_key(row.id, k))
+    this = part_key(row.id, part_number)
+    stored = sum(blobs.size(key) for key in blobs.list(f"uploads/{row.id}/") if key != this)  # one listing
     return min(per_part, expected - stored)
 
 
