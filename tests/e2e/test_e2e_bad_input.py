@@ -668,8 +668,10 @@ def test_a_200_mb_json_body_gets_413_before_it_is_read(server: LiveServer, alice
     error = json.loads(body)["error"]
     assert error["type"] == "request_too_large" and "at most" in error["message"]
     grew = _rss_mb(server.proc.pid) - before
-    print(f"{'chunked' if chunked else 'declared'}: 413 after {sent / 2**20:.0f} MiB sent, {took:.2f} s, "
-          f"server memory +{grew:.1f} MB")
+    print(
+        f"{'chunked' if chunked else 'declared'}: 413 after {sent / 2**20:.0f} MiB sent, {took:.2f} s, "
+        f"server memory +{grew:.1f} MB"
+    )
     assert grew < 50, f"the server's memory grew {grew:.0f} MB"
     assert sent < 64 * 2**20  # it answered long before the whole body could arrive
     server.assert_serving()

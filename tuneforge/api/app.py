@@ -18,6 +18,7 @@ from tuneforge.api.files.service import sweep_stale_uploads
 from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.identity import router as identity
 from tuneforge.api.models import router as models
+from tuneforge.api.responses import complete_schema
 from tuneforge.catalog import background
 from tuneforge.catalog.registry import Catalog
 from tuneforge.jobs.executors.registry import make_executor
@@ -90,9 +91,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v1)
     app.include_router(identity.router_v3, prefix="/v3")
     app.include_router(files.uploads)
+    app.include_router(fine_tunes.signed)
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    complete_schema(app)
 
     return app

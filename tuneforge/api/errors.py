@@ -7,6 +7,7 @@ unknown routes and unexpected crashes alike (a framework's `{"detail": ...}` nev
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,6 +47,26 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "Invalid request: " + "; ".join(problems), first_param
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the API answers on this request's path, read from its OpenAPI schema (the routes of included
+    routers are not inspectable). Where a literal path and a templated one both match (`/fine-tunes/preview` and
+    `/fine-tunes/{job_id}`), the literal one names the resource, as the router itself prefers it. The schema drops
+    `:path` from a template, so a last parameter that spans slashes (model names) is tried when nothing else fits."""
+    paths = request.app.openapi().get("paths", {})
+    for last in ("[^/]+", ".+"):
+        found: list[tuple[int, list[str]]] = []
+        for template, operations in paths.items():
+            pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+            if pattern.endswith("[^/]+"):
+                pattern = pattern[: -len("[^/]+")] + last
+            if re.fullmatch(pattern, request.url.path):
+                found.append((template.count("{"), [m.upper() for m in operations]))
+        if found:
+            fewest = min(n for n, _ in found)
+            return sorted({m for n, methods in found if n == fewest for m in methods})
+    return []
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneForgeError)
     async def _domain(_request: Request, exc: TuneForgeError) -> JSONResponse:
@@ -71,8 +92,14 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route whose path matched, not of every route on the path.
+            allowed = allowed_methods(request)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
         error_type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
-        return JSONResponse(error_body(message, error_type), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(message, error_type), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneforge.store import jobs as jobs_repo
 from tuneforge.store.sealing import Sealer, ephemeral_sealer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -64,6 +65,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
+    # A deleted or overwritten row is zeroed on disk, so a cleared or re-sealed secret leaves no readable copy.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()
 
 
@@ -72,6 +75,11 @@ def open_database(url: str, *, secrets_key: bytes | None = None) -> Database:
     only."""
     db = Database(url, secrets_key=secrets_key)
     db.migrate()
+    with db.session() as s:
+        resealed = jobs_repo.seal_plain_secrets(s)
+    if resealed and db.engine.dialect.name == "sqlite":
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:  # old pages leave the WAL
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     if db.engine.dialect.name == "sqlite" and db.engine.url.database not in (None, "", ":memory:"):
         path = str(db.engine.url.database)
         for suffix in ("", "-wal", "-shm"):

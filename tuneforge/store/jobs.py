@@ -48,6 +48,20 @@ def job_secrets(session: Session, job: JobRow) -> dict[str, str]:
     return _sealer(session).open(job.secrets)
 
 
+def seal_plain_secrets(session: Session) -> int:
+    """Seal the secrets of rows stored before sealing (tuneforge 0.1 wrote them as plain JSON): a live job's are
+    sealed, an ended job's (which should hold none) cleared. Returns how many rows changed."""
+    sealer = _sealer(session)
+    changed = 0
+    for job_id, status, stored in session.execute(select(JobRow.id, JobRow.status, JobRow.secrets)).all():
+        if sealer.is_sealed(stored):
+            continue
+        secrets = {} if status in TERMINAL else sealer.open(stored)
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(secrets=sealer.seal(secrets)))
+        changed += 1
+    return changed
+
+
 def job_holding_key(session: Session, *, key: str) -> JobRow | None:
     """The job that holds an idempotency key, if any."""
     return session.scalars(select(JobRow).where(JobRow.idempotency_key == key)).first()

@@ -39,6 +39,11 @@ class Sealer:
             return {}
         return {_SEALED: self._fernet.encrypt(json.dumps(secrets).encode()).decode()}
 
+    @staticmethod
+    def is_sealed(stored: dict[str, Any] | None) -> bool:
+        """Whether a stored form holds nothing readable: empty, or one sealed token."""
+        return not stored or set(stored) == {_SEALED}
+
     def open(self, stored: dict[str, Any] | None) -> dict[str, str]:
         """The secrets of a stored form; a row written before sealing (plain keys) is read as it is."""
         if not stored:

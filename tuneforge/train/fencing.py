@@ -27,5 +27,7 @@ def check_current(blobs: Any, job_id: str, attempt: int) -> None:
     except (NotFoundError, ValueError, AttributeError):
         return
     if isinstance(current, int) and current > attempt:
-        raise Superseded(f"attempt {current} of job {job_id} started since this run (attempt {attempt}) did; this run "
-                         "stops without publishing")
+        raise Superseded(
+            f"attempt {current} of job {job_id} started since this run (attempt {attempt}) did; this run "
+            "stops without publishing"
+        )

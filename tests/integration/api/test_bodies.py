@@ -18,7 +18,11 @@ STRING_FIELDS = {
     "/v1/files/multipart/abort": {"upload_id": "u", "file_id": "f"},
     "/v1/files/multipart/complete": {"upload_id": "u", "file_id": "f", "parts": []},
     "/v1/files/multipart/initiate": {
-        "file_name": "a.jsonl", "file_size": 10, "num_parts": 1, "file_type": "jsonl", "checksum": "0" * 64
+        "file_name": "a.jsonl",
+        "file_size": 10,
+        "num_parts": 1,
+        "file_type": "jsonl",
+        "checksum": "0" * 64,
     },
 }
 

@@ -428,4 +428,3 @@ def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str) -> No
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, from_hf_model="org/elsewhere"), headers=ft.alice)
     assert r.status_code == 400 and "not supported on this server" in r.json()["error"]["message"]
-

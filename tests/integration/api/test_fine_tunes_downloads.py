@@ -116,12 +116,13 @@ def test_the_tokenized_dataset_url_needs_no_key(ft, done, train_file) -> None:
     info = r.json()
     FineTuneTokenizedDatasetRetrieveResponse.model_validate(info)
     url = urlsplit(info["url"])
+    assert url.path == f"/downloads/fine-tunes/{done['id']}/tokenized-dataset"  # outside /v1, where keys rule
     fetched = ft.client.get(f"{url.path}?{url.query}")
     assert fetched.status_code == 200 and fetched.content == b"PAR1 tokenized PAR1" and info["size"] == 19
     forged = ft.client.get(f"{url.path}?{url.query[:-4]}beef")
     assert forged.status_code == 403
     other = ft.create(ft.sdk_body(train_file, n_epochs=2))
-    stolen = ft.client.get(f"/v1/fine-tunes/{other['id']}/tokenized-dataset?{url.query}")
+    stolen = ft.client.get(f"/downloads/fine-tunes/{other['id']}/tokenized-dataset?{url.query}")
     assert stolen.status_code == 403
     r = ft.client.get(f"/v1/fine-tunes/{other['id']}/download-tokenized-dataset", headers=ft.alice)
     assert r.status_code == 404 and "no tokenized dataset yet" in r.json()["error"]["message"]

@@ -177,7 +177,7 @@ class QueueMachine(RuleBasedStateMachine):
         executor = worker.executor
         assert isinstance(executor, ProbeExecutor)
         watched = [run.handle for w in self.workers for run in w.runs.values()]
-        for handle in executor.handles[self.first_handle[worker.worker_id]:]:
+        for handle in executor.handles[self.first_handle[worker.worker_id] :]:
             if executor.running(handle):
                 assert handle in watched, f"{worker.worker_id} left run {handle} alive and unwatched"
 
@@ -347,8 +347,13 @@ class QueueMachine(RuleBasedStateMachine):
 def test_no_interleaving_reaches_a_state_the_table_forbids() -> None:
     run_state_machine_as_test(
         QueueMachine,
-        settings=settings(max_examples=40, stateful_step_count=30, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow]),
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=30,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
     )
 
 

