@@ -75,8 +75,21 @@ class Settings(BaseSettings):
         "", description="Fernet key that seals job secrets at rest; default: a key file made in the home folder (0600)"
     )
     upload_url_ttl_s: int = 24 * 3600
-    stale_upload_s: int = 24 * 3600
+    stale_upload_s: float = Field(
+        3600.0,
+        gt=0,
+        description="idle time after which an unfinished upload (opened, parts or bytes sent, never finished) is "
+        "removed with its parts and temporary files; the server sweeps every min(idle/4, 60 s) while it runs, and an "
+        "upload is active while a PUT of its bytes or a part is being received",
+    )
     max_file_bytes: int = int(50.1 * GIB)
+    max_pending_upload_bytes: int = Field(
+        0,
+        ge=0,
+        description="most bytes one owner may hold in unfinished uploads: a multipart upload reserves its file_size "
+        "at initiate, a single PUT counts its bytes as they arrive; over it is a 413 (0, the default: twice "
+        "max_file_bytes)",
+    )
     multipart_threshold_bytes: int = 5 * GIB
     max_body_bytes: int = Field(
         4 * MIB, description="largest request body outside the upload URLs (JSON, forms); a larger one gets 413"
@@ -125,6 +138,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'tuneforge.db'}"
         if not self.storage_url:
             self.storage_url = str(self.home / "blobs")
+        if not self.max_pending_upload_bytes:
+            self.max_pending_upload_bytes = 2 * self.max_file_bytes
         return self
 
     def ensure_home(self) -> None:

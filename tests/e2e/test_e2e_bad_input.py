@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from e2e_support import (
     valid_records,
     wait_processed_http,
     wait_processed_sdk,
+    wait_until,
 )
 from together.lib.types.error import FileTypeError
 
@@ -675,3 +678,160 @@ def test_a_200_mb_json_body_gets_413_before_it_is_read(server: LiveServer, alice
     assert grew < 50, f"the server's memory grew {grew:.0f} MB"
     assert sent < 64 * 2**20  # it answered long before the whole body could arrive
     server.assert_serving()
+
+
+# --- unfinished uploads: a per-owner limit on their bytes, and a sweep of idle ones while the server runs ------------
+
+PENDING_MAX = 1_500_000  # TUNEFORGE_MAX_PENDING_UPLOAD_BYTES of the bounded server (its file limit: 1 MB)
+IDLE_S = 2  # TUNEFORGE_STALE_UPLOAD_S of the sweeping servers
+
+
+def _bytes_of(n: int) -> bytes:
+    """n bytes of a JSONL file unique to the call (no test here reads what the server's check makes of it)."""
+    line = (json.dumps({"text": unique()}) + "\n").encode()
+    return (line * (n // len(line) + 1))[:n]
+
+
+def _pieces(data: bytes, n: int = 4, pause: float = 0.0) -> Iterator[bytes]:
+    """`data` in `n` pieces, `pause` seconds before each: httpx sends it chunked, without a Content-Length."""
+    step = -(-len(data) // n)
+    for i in range(0, len(data), step):
+        time.sleep(pause)
+        yield data[i : i + step]
+
+
+def _mp_body(size: int, **overrides: object) -> dict[str, object]:
+    return {"file_name": "mp.jsonl", "file_size": size, "num_parts": 1, "purpose": "fine-tune",
+            "file_type": "jsonl", "checksum": sha256_hex(unique().encode())} | overrides  # fmt: skip
+
+
+def test_an_owner_over_the_pending_upload_limit_is_refused(server_factory: Callable[..., LiveServer]) -> None:
+    srv = server_factory(env={"TUNEFORGE_MAX_FILE_BYTES": str(MAX_FILE_BYTES_SMALL),
+                              "TUNEFORGE_MAX_PENDING_UPLOAD_BYTES": str(PENDING_MAX)})  # fmt: skip
+    srv.create_keys(["alice", "bob"])
+    with srv.http(srv.keys["alice"]) as alice, srv.http(srv.keys["bob"]) as bob:
+        # A multipart upload reserves its file_size at initiate: 1 MB of alice's 1.5 MB.
+        big = _bytes_of(MAX_FILE_BYTES_SMALL)
+        info = _initiate(alice, big, 1)
+        r = alice.post("/v1/files/multipart/initiate", json=_mp_body(600_000))
+        assert_envelope(r, 413, "file_size", f"limit of {PENDING_MAX}", f"{MAX_FILE_BYTES_SMALL} bytes are in use",
+                        "finishing or aborting")  # fmt: skip
+        # A single PUT may take only what is left (500 kB): refused on its declared length, or as its bytes arrive.
+        data = _bytes_of(600_000)
+        up = opened(alice, data=data)
+        assert_envelope(put_bytes(up.location, data), 413, f"limit of {PENDING_MAX}", "leaving 500000")
+        assert_nothing_stored(srv, alice, up.file_id)
+        assert_envelope(put_bytes(up.location, _pieces(data)), 413, f"limit of {PENDING_MAX}")
+        assert_nothing_stored(srv, alice, up.file_id)
+
+        # Another owner is unaffected.
+        assert _initiate(bob, big, 1)["file_id"]
+        upload_raw(bob, _bytes_of(400_000))
+
+        # Aborting frees the reservation: the same PUT now fits.
+        r = alice.post("/v1/files/multipart/abort", json={"upload_id": info["upload_id"], "file_id": info["file_id"]})
+        assert r.status_code == 200, r.text
+        assert put_bytes(up.location, _pieces(data)).status_code == 200
+        # Stored but not finished, its bytes still count (600 kB held); /preprocess finishes it and frees them.
+        r = alice.post("/v1/files/multipart/initiate", json=_mp_body(MAX_FILE_BYTES_SMALL))
+        assert_envelope(r, 413, "600000 bytes are in use")
+        assert alice.post(f"/v1/files/{up.file_id}/preprocess").status_code == 200
+        assert _initiate(alice, big, 1)["file_id"]
+        srv.assert_serving()
+
+
+def test_idle_uploads_are_swept_while_the_server_runs(server_factory: Callable[..., LiveServer]) -> None:
+    srv = server_factory(env={"TUNEFORGE_STALE_UPLOAD_S": str(IDLE_S)})
+    srv.create_keys(["alice"])
+    with srv.http(srv.keys["alice"]) as alice:
+        finished = dataset()
+        finished_id = upload_raw(alice, finished)
+        wait_processed_http(alice, finished_id)
+
+        # Left unfinished, in quick succession: a multipart upload with one part stored, a single upload whose bytes
+        # are stored but never finished with /preprocess, and the temporary file a PUT cut short by a crash leaves.
+        data = jsonl_bytes(valid_records(50))
+        half = len(data) // 2
+        info = _initiate(alice, data, 2)
+        file_id, upload_id = str(info["file_id"]), str(info["upload_id"])
+        parts = _put_parts({"parts": info["parts"][:1]}, [data[:half]])  # type: ignore[index]
+        single = dataset()
+        stored = opened(alice, data=single)
+        assert put_bytes(stored.location, single).status_code == 200
+        killed = srv.blobs / ".tmp" / "killed-put"
+        killed.parent.mkdir(exist_ok=True)
+        killed.write_bytes(b"half of a file")
+        leftovers_now = [srv.blobs / "uploads" / file_id, srv.blobs / "files" / stored.file_id, killed]
+        assert all(p.exists() for p in leftovers_now)
+
+        wait_until(lambda: not any(p.exists() for p in leftovers_now), timeout=IDLE_S + 10,
+                   what=f"the sweep of idle uploads: {[str(p) for p in leftovers_now if p.exists()]}")  # fmt: skip
+        srv.assert_serving()
+        # Their rows went too: nothing of either upload can be finished any more.
+        assert_envelope(httpx.put(info["parts"][1]["URL"], content=data[half:]), 404)  # type: ignore[index]
+        second = {"part_number": 2, "etag": hashlib.md5(data[half:]).hexdigest()}
+        r = alice.post("/v1/files/multipart/complete",
+                       json={"upload_id": upload_id, "file_id": file_id, "parts": [*parts, second]})  # fmt: skip
+        assert_envelope(r, 404)
+        assert_envelope(alice.post("/v1/files/multipart/abort", json={"upload_id": upload_id, "file_id": file_id}), 404)
+        assert_envelope(alice.post(f"/v1/files/{stored.file_id}/preprocess"), 404)
+        assert_envelope(put_bytes(stored.location, single), 404)
+        # The finished file is untouched.
+        assert listed_ids(alice) == {finished_id}
+        assert alice.get(f"/v1/files/{finished_id}/content").content == finished
+        assert (srv.blobs / "files" / finished_id).exists()
+
+
+def test_puts_slower_than_the_idle_time_are_not_swept(server_factory: Callable[..., LiveServer]) -> None:
+    """A single PUT and a part PUT that each take twice the idle time, their bytes trickling in: the uploads stay
+    active while the bytes come (and their temporary files with them), and both finish."""
+    srv = server_factory(env={"TUNEFORGE_STALE_UPLOAD_S": str(IDLE_S)})
+    srv.create_keys(["alice"])
+    with srv.http(srv.keys["alice"]) as alice:
+        single, multi = dataset(), jsonl_bytes(valid_records(20))
+        up = opened(alice, data=single)
+        info = _initiate(alice, multi, 1)
+        url = str(info["parts"][0]["URL"])  # type: ignore[index]
+        slow = 2 * IDLE_S / 8
+        with ThreadPoolExecutor(2) as pool:
+            put_single = pool.submit(httpx.put, up.location, content=_pieces(single, 8, slow), timeout=30)
+            put_part = pool.submit(httpx.put, url, content=_pieces(multi, 8, slow), timeout=30)
+            r_single, r_part = put_single.result(), put_part.result()
+        assert r_single.status_code == 200, r_single.text
+        assert r_part.status_code == 200, r_part.text
+        parts = [{"part_number": 1, "etag": r_part.headers["etag"].strip('"')}]
+        r = alice.post("/v1/files/multipart/complete",
+                       json={"upload_id": info["upload_id"], "file_id": info["file_id"], "parts": parts})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert alice.post(f"/v1/files/{up.file_id}/preprocess").status_code == 200
+        assert alice.get(f"/v1/files/{up.file_id}/content").content == single
+        assert alice.get(f"/v1/files/{info['file_id']}/content").content == multi
+
+
+def test_a_part_whose_upload_is_aborted_while_it_is_sent_is_not_stored(
+    server_factory: Callable[..., LiveServer],
+) -> None:
+    """The upload goes (here aborted; a sweep is the same) while a part PUT is still receiving: the PUT fails with a
+    404 and leaves no part behind, whether it notices while receiving or only as it ends."""
+    srv = server_factory(env={"TUNEFORGE_STALE_UPLOAD_S": str(IDLE_S)})
+    srv.create_keys(["alice"])
+    with srv.http(srv.keys["alice"]) as alice:
+        data = jsonl_bytes(valid_records(20))
+        info = _initiate(alice, data, 1)
+        file_id = str(info["file_id"])
+        aborted = threading.Event()
+
+        def body() -> Iterator[bytes]:
+            yield data[: len(data) // 2]
+            assert aborted.wait(10)
+            time.sleep(1.0)  # a beat of the PUT (every IDLE_S / 4) sees the upload gone
+            yield data[len(data) // 2 :]
+
+        with ThreadPoolExecutor(1) as pool:
+            put = pool.submit(httpx.put, info["parts"][0]["URL"], content=body(), timeout=30)  # type: ignore[index]
+            time.sleep(0.5)
+            r = alice.post("/v1/files/multipart/abort", json={"upload_id": info["upload_id"], "file_id": file_id})
+            aborted.set()
+            assert r.status_code == 200, r.text
+            assert_envelope(put.result(), 404)
+        assert_nothing_stored(srv, alice, file_id)

@@ -55,3 +55,13 @@ def test_allowed_wandb_servers_are_compared_as_urls(tmp_path, monkeypatch: pytes
     assert not same_url("http://api.wandb.ai", "https://api.wandb.ai")
     assert not same_url("https://api.wandb.ai:8443", "https://api.wandb.ai")
     assert not same_url("https://user@evil.example/@api.wandb.ai", "https://api.wandb.ai")
+
+
+def test_unfinished_uploads_are_bounded_by_default(tmp_path) -> None:
+    """An owner may hold twice the largest file in unfinished uploads (unless set), and an upload idle for an hour
+    is swept."""
+    settings = Settings(home=tmp_path)
+    assert settings.max_pending_upload_bytes == 2 * settings.max_file_bytes
+    assert settings.stale_upload_s == 3600
+    assert Settings(home=tmp_path, max_file_bytes=1000).max_pending_upload_bytes == 2000
+    assert Settings(home=tmp_path, max_file_bytes=1000, max_pending_upload_bytes=1500).max_pending_upload_bytes == 1500

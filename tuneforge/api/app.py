@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -14,7 +16,7 @@ from tuneforge.api.body_limit import BodyLimit
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
-from tuneforge.api.files.service import sweep_stale_uploads
+from tuneforge.api.files.service import sweep_stale_uploads, sweep_while_serving
 from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.identity import router as identity
 from tuneforge.api.models import router as models
@@ -49,13 +51,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        swept = sweep_stale_uploads(db, blobs, older_than_s=settings.stale_upload_s)
+        swept = sweep_stale_uploads(db, blobs, idle_s=settings.stale_upload_s)
         requeued = app.state.processor.requeue_unfinished()
         if swept or requeued:
             log.info("start-up: %d stale uploads removed, %d file checks requeued", swept, requeued)
+        # Uploads left idle are swept while the server runs too, not only at the next start.
+        sweeper = asyncio.create_task(sweep_while_serving(db, blobs, idle_s=settings.stale_upload_s))
         if app.state.worker is not None:
             app.state.worker.start()
         yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper  # a sweep under way ends first: it uses the database closed below
         if app.state.worker is not None:
             app.state.worker.stop()
         app.state.processor.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import time
 import uuid
 from typing import Any, BinaryIO, cast
@@ -62,6 +63,12 @@ class _FsspecWriter:
                 else:
                     self._fh.close()
                     self._store.fs.rm(self._target)
+
+    def touch(self) -> None:
+        # Only a local folder writes aside (in memory the sweep goes by creation time; object stores have no .tmp).
+        if self._local and not self._done and self._store.is_local:
+            with contextlib.suppress(OSError):
+                os.utime(self._target)
 
     def __enter__(self) -> _FsspecWriter:
         return self

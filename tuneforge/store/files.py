@@ -9,7 +9,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from tuneforge.errors import NotFoundError
@@ -150,9 +150,51 @@ def files_with_processing(session: Session, *, statuses: tuple[FileProcessingSta
     return list(session.scalars(stmt))
 
 
-def stale_uploads(session: Session, *, older_than: float) -> list[FileRow]:
-    stmt = select(FileRow).where(FileRow.state.in_(("uploading", "uploaded")), FileRow.updated_at < older_than)
+def pending_bytes(session: Session, *, owner: str, excluding: str | None = None) -> int:
+    """The bytes `owner` holds in unfinished uploads (besides `excluding`): a multipart upload's declared file size
+    (reserved at initiate), a single upload's bytes (received so far while its PUT runs, all of them once stored)."""
+    held = func.coalesce(FileRow.expected_bytes, FileRow.bytes)
+    stmt = select(func.coalesce(func.sum(held), 0)).where(FileRow.owner == owner, FileRow.state.in_(UNFINISHED))
+    if excluding is not None:
+        stmt = stmt.where(FileRow.id != excluding)
+    return int(session.scalar(stmt) or 0)
+
+
+def lock_owner_uploads(session: Session, *, owner: str) -> None:
+    """Serialise the transactions that reserve room in `owner`'s unfinished uploads, until this one ends. On
+    PostgreSQL a transaction advisory lock; SQLite has one writer at a time, so a caller that writes (inserts its
+    row) before it sums `pending_bytes` is ordered after every other such writer already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"uploads:{owner}"})
+
+
+def touch_upload(session: Session, *, file_id: str, received: int | None = None) -> bool:
+    """Mark an upload whose bytes are still to come as active now (for a single upload, with the bytes received so
+    far). False when no such upload is left (it was finished, aborted or swept)."""
+    values: dict[str, Any] = {"updated_at": time.time()}
+    if received is not None:
+        values["bytes"] = received
+    result = session.execute(
+        update(FileRow).where(FileRow.id == file_id, FileRow.state == "uploading").values(**values)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def stale_upload_ids(session: Session, *, older_than: float) -> list[str]:
+    """Unfinished uploads with no activity since `older_than`."""
+    stmt = select(FileRow.id).where(FileRow.state.in_(UNFINISHED), FileRow.updated_at < older_than)
     return list(session.scalars(stmt))
+
+
+def delete_stale_upload(session: Session, *, file_id: str, older_than: float) -> bool:
+    """Delete the row of an upload that is still unfinished and still idle since `older_than`, in one conditional
+    statement: one finished or touched since it was found stays."""
+    result = session.execute(
+        delete(FileRow)
+        .where(FileRow.id == file_id, FileRow.state.in_(UNFINISHED), FileRow.updated_at < older_than)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def delete_row(session: Session, *, file_id: str) -> None:

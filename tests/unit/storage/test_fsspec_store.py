@@ -69,3 +69,21 @@ def test_sweep_removes_only_old_temporary_writes(store):
     assert store.sweep_temporary(older_than_s=3600) == 0
     assert store.sweep_temporary(older_than_s=-1) == 1
     assert store.list(".tmp") == []
+
+
+def test_a_touched_write_is_not_taken_for_a_crashed_one(tmp_path):
+    """A slow write (an upload whose bytes trickle in) is touched while it runs: the sweep leaves it alone."""
+    import os
+    import time
+
+    store = open_blob_store(str(tmp_path / "blobs"))
+    slow = store.writer("files/slow")
+    slow.write(b"half")
+    (temp,) = (tmp_path / "blobs" / ".tmp").iterdir()
+    os.utime(temp, (time.time() - 100, time.time() - 100))
+    slow.touch()
+    assert store.sweep_temporary(older_than_s=60) == 0
+    slow.write(b" and the rest")
+    slow.commit()
+    assert store.open("files/slow").read() == b"half and the rest"
+    slow.touch()  # after the commit: nothing to keep

@@ -23,7 +23,7 @@ from tuneforge.api.files.schemas import (
 )
 from tuneforge.api.files.signing import signed_query, verify
 from tuneforge.api.responses import binary, errors
-from tuneforge.errors import InvalidRequestError, PayloadTooLargeError
+from tuneforge.errors import InvalidRequestError
 
 router = APIRouter(prefix="/files", tags=["files"])
 uploads = APIRouter(prefix="/uploads", tags=["uploads"], responses=errors(403, 409, 413))
@@ -71,18 +71,23 @@ async def put_file_content(
 ) -> JSONResponse:  # fmt: skip
     """Receive the bytes of a single-PUT upload, streamed and checked against the declared SHA-256."""
     verify(db, _secret(request), file_id, 0, expires, sig, kid)
-    row = service.pending_upload(db, file_id=file_id, kind="single")
-    declared = _declared_length(request, settings.max_file_bytes)
+    row, intake = service.begin_single_put(db, settings, file_id=file_id)
     sha = hashlib.sha256()
-    writer = blobs.writer(service.blob_key(file_id))
     try:
-        size = await service.receive_body(request.stream(), writer, limit=settings.max_file_bytes, hashers=[sha])
-        service.finish_single_upload(db, row=row, size=size, digest=sha.hexdigest(), declared=declared)
-        writer.commit()
+        declared = _declared_length(request, intake)
+        writer = blobs.writer(service.blob_key(file_id))
+        try:
+            async with service.kept_active(db, settings, row=row, intake=intake, writer=writer, single=True):
+                size = await service.receive_body(request.stream(), writer, intake=intake, hashers=[sha])
+            service.finish_single_upload(db, row=row, size=size, digest=sha.hexdigest(), declared=declared)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
     except BaseException:
-        writer.abort()
+        service.put_failed(db, file_id=file_id, single=True)
         raise
-    service.mark_uploaded(db, file_id=file_id, size=size)
+    service.mark_uploaded(db, blobs, file_id=file_id, size=size)
     return JSONResponse({"id": file_id, "bytes": size, "status": "uploaded"}, status_code=200)
 
 
@@ -100,31 +105,32 @@ async def put_file_part(
 ) -> JSONResponse:
     """Receive one part of a multipart upload; answers with its MD5 as the ETag."""
     verify(db, _secret(request), file_id, part_number, expires, sig, kid)
-    row = service.pending_upload(db, file_id=file_id, kind="multipart")
-    if not 1 <= part_number <= (row.num_parts or 0):
-        raise InvalidRequestError(f"part number {part_number} is outside 1..{row.num_parts}", param="part_number")
-    limit = service.part_limit(blobs, row, part_number)
-    if limit <= 0:
-        raise PayloadTooLargeError(f"the parts already received hold the declared {row.expected_bytes} bytes of "
-                                   f"file {file_id}; part {part_number} has no room left")  # fmt: skip
-    declared = _declared_length(request, limit)
+    row, intake = service.begin_part_put(db, blobs, file_id=file_id, part_number=part_number)
     md5 = hashlib.md5(usedforsecurity=False)
-    writer = blobs.writer(service.part_key(file_id, part_number))
     try:
-        size = await service.receive_body(request.stream(), writer, limit=limit, hashers=[md5])
-        if declared is not None and size != declared:
-            raise InvalidRequestError(f"part {part_number} truncated: received {size} of {declared} bytes")
-        if size == 0:
-            raise InvalidRequestError(f"part {part_number} is empty")
-        writer.commit()
+        declared = _declared_length(request, intake)
+        writer = blobs.writer(service.part_key(file_id, part_number))
+        try:
+            async with service.kept_active(db, settings, row=row, intake=intake, writer=writer, single=False):
+                size = await service.receive_body(request.stream(), writer, intake=intake, hashers=[md5])
+            if declared is not None and size != declared:
+                raise InvalidRequestError(f"part {part_number} truncated: received {size} of {declared} bytes")
+            if size == 0:
+                raise InvalidRequestError(f"part {part_number} is empty")
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
     except BaseException:
-        writer.abort()
+        service.put_failed(db, file_id=file_id, single=False)
         raise
+    service.part_stored(db, blobs, file_id=file_id)
     etag = md5.hexdigest()
     return JSONResponse({"part_number": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
 
 
-def _declared_length(request: Request, limit: int) -> int | None:
+def _declared_length(request: Request, intake: service.Intake) -> int | None:
+    """The body's declared length, refused before a byte of it is read when it is over the PUT's limit."""
     raw = request.headers.get("content-length")
     if raw is None:
         return None
@@ -132,8 +138,8 @@ def _declared_length(request: Request, limit: int) -> int | None:
         declared = int(raw)
     except ValueError as exc:
         raise InvalidRequestError(f"Content-Length {raw!r} is not a number") from exc
-    if declared > limit:
-        raise PayloadTooLargeError(f"upload of {declared} bytes is over the limit of {limit} bytes")
+    if declared > intake.limit:
+        raise intake.too_large(declared)
     return declared
 
 
@@ -173,8 +179,9 @@ def initiate_multipart_upload(
 
 @router.post("/multipart/complete", response_model=FilePublic, response_model_by_alias=True, responses=errors(404, 409))
 def complete_multipart_upload(
-    request: Request, body: MultipartComplete, principal: PrincipalDep, db: DbDep, blobs: BlobsDep
-) -> FilePublic:
+    request: Request, body: MultipartComplete, principal: PrincipalDep, db: DbDep, blobs: BlobsDep,
+    settings: SettingsDep,
+) -> FilePublic:  # fmt: skip
     row = service.complete_multipart(
         db,
         blobs,
@@ -182,6 +189,7 @@ def complete_multipart_upload(
         file_id=body.file_id,
         upload_id=body.upload_id,
         parts=[(p.part_number, p.etag) for p in body.parts],
+        idle_s=settings.stale_upload_s,
     )
     request.app.state.processor.submit(row.id)
     return service.to_public(row)

@@ -6,10 +6,16 @@ before the row leaves the `uploading` state; a file is listed only once it is co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,6 +27,7 @@ from tuneforge.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    TuneForgeError,
 )
 from tuneforge.ids import new_file_id, new_upload_id
 from tuneforge.settings import Settings
@@ -32,9 +39,21 @@ from tuneforge.store import jobs as jobs_repo
 from tuneforge.store.files import FileProcessingStatus
 from tuneforge.store.tables import FileRow
 
+log = logging.getLogger("tuneforge.files")
+
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_PARTS = 10_000
 FLUSH_BYTES = 4 << 20
+
+
+def beat_interval(idle_s: float) -> float:
+    """How often an upload whose bytes are being received is marked active: well within the idle time."""
+    return max(0.05, min(idle_s / 4, 5.0))
+
+
+def sweep_interval(idle_s: float) -> float:
+    """How often the server looks for idle uploads while it runs."""
+    return max(0.05, min(idle_s / 4, 60.0))
 
 
 def blob_key(file_id: str) -> str:
@@ -160,7 +179,10 @@ def open_multipart_upload(
         raise InvalidRequestError(f"num_parts must be between 1 and {MAX_PARTS}", param="num_parts")
     with db.session() as s:
         _refuse_duplicate(s, owner=owner, checksum=digest, purpose=purpose)
-        return repo.insert_file(
+        # The row is written before the owner's other uploads are summed, in one transaction (and under the owner's
+        # lock on PostgreSQL): two initiates at once are ordered, and the second sees the first's reservation.
+        repo.lock_owner_uploads(s, owner=owner)
+        row = repo.insert_file(
             s,
             file_id=new_file_id(),
             owner=owner,
@@ -173,10 +195,133 @@ def open_multipart_upload(
             expected_bytes=file_size,
             num_parts=num_parts,
         )
+        held = repo.pending_bytes(s, owner=owner, excluding=row.id)
+        if held + file_size > settings.max_pending_upload_bytes:
+            raise PayloadTooLargeError(f"file_size {file_size} is {_over_pending(settings, held)}", param="file_size")
+        return row
 
 
-async def receive_body(body: AsyncIterator[bytes], writer: BlobWriter, *, limit: int, hashers: list[Any]) -> int:
-    """Stream a request body into `writer`, updating `hashers`; returns the byte count.
+def _over_pending(settings: Settings, held: int) -> str:
+    cap = settings.max_pending_upload_bytes
+    return (
+        f"over the limit of {cap} bytes per owner in unfinished uploads: {held} bytes are in use by your other "
+        f"unfinished uploads (a multipart upload holds its file_size from initiate), leaving {max(cap - held, 0)}; "
+        f"finishing or aborting other uploads frees theirs, and an upload idle for {settings.stale_upload_s:g} s is "
+        "removed"
+    )
+
+
+@dataclass
+class Intake:
+    """One PUT's body as it is received: the bytes so far, the most it may hold (and why), and an error that ends
+    it early, set while it runs by `kept_active` (its upload was aborted, finished by another PUT, or swept)."""
+
+    limit: int
+    why: str
+    received: int = 0
+    stopped: TuneForgeError | None = None
+
+    def too_large(self, size: int | None = None) -> PayloadTooLargeError:
+        return PayloadTooLargeError(("upload" if size is None else f"upload of {size} bytes") + f" is {self.why}")
+
+
+def _single_limit(settings: Settings, held: int) -> tuple[int, str]:
+    """The most a single PUT may hold when the owner's other unfinished uploads hold `held` bytes."""
+    room = max(settings.max_pending_upload_bytes - held, 0)
+    if room >= settings.max_file_bytes:
+        return settings.max_file_bytes, f"over the limit of {settings.max_file_bytes} bytes"
+    return room, _over_pending(settings, held)
+
+
+def begin_single_put(db: Database, settings: Settings, *, file_id: str) -> tuple[FileRow, Intake]:
+    """A single PUT starts: its upload is marked active, and may take at most the file limit, or what the owner's
+    other unfinished uploads leave of theirs (its own bytes count as they arrive, see `kept_active`)."""
+    row = pending_upload(db, file_id=file_id, kind="single")
+    with db.session() as s:
+        held = repo.pending_bytes(s, owner=row.owner, excluding=row.id)
+    limit, why = _single_limit(settings, held)
+    return row, Intake(limit=limit, why=why)
+
+
+def begin_part_put(db: Database, blobs: BlobStore, *, file_id: str, part_number: int) -> tuple[FileRow, Intake]:
+    """A part PUT starts: its upload is marked active, and the part may hold at most `part_limit` (the room was
+    reserved at initiate)."""
+    row = pending_upload(db, file_id=file_id, kind="multipart")
+    if not 1 <= part_number <= (row.num_parts or 0):
+        raise InvalidRequestError(f"part number {part_number} is outside 1..{row.num_parts}", param="part_number")
+    limit = part_limit(blobs, row, part_number)
+    if limit <= 0:
+        raise PayloadTooLargeError(f"the parts already received hold the declared {row.expected_bytes} bytes of "
+                                   f"file {file_id}; part {part_number} has no room left")  # fmt: skip
+    return row, Intake(limit=limit, why=f"over the limit of {limit} bytes")
+
+
+def _ended(row: FileRow | None, file_id: str) -> TuneForgeError:
+    """Why an upload whose bytes were being received takes no more."""
+    if row is None or row.state == "deleted":
+        return NotFoundError(f"upload for file {file_id!r} not found: it was aborted, or removed when idle")
+    return ConflictError(f"file {file_id!r} has already been uploaded")
+
+
+@asynccontextmanager
+async def kept_active(
+    db: Database, settings: Settings, *, row: FileRow, intake: Intake, writer: BlobWriter, single: bool
+) -> AsyncIterator[None]:
+    """While a PUT's body is received, every `beat_interval`: its upload is marked active, and its temporary file
+    too, so neither is swept however long the PUT takes; a single upload's bytes so far are recorded (they count
+    against the owner's limit) and its own limit follows what the owner's other uploads hold now. An upload that is
+    no longer in progress ends the PUT at its next chunk."""
+
+    def beat() -> None:
+        writer.touch()
+        with db.session() as s:
+            alive = repo.touch_upload(s, file_id=row.id, received=intake.received if single else None)
+            held = repo.pending_bytes(s, owner=row.owner, excluding=row.id) if alive and single else None
+            now = None if alive else s.get(FileRow, row.id)
+        if not alive:
+            intake.stopped = _ended(now, row.id)
+        elif held is not None:
+            intake.limit, intake.why = _single_limit(settings, held)
+
+    async def beating() -> None:
+        while intake.stopped is None:
+            await anyio.sleep(beat_interval(settings.stale_upload_s))
+            try:
+                await anyio.to_thread.run_sync(beat)
+            except Exception:  # a database hiccup does not end the upload; the next beat tries again
+                log.exception("could not mark upload %s active", row.id)
+
+    task = asyncio.create_task(beating())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def put_failed(db: Database, *, file_id: str, single: bool) -> None:
+    """A PUT ended without storing anything: the upload was active until now, and a single upload holds no bytes."""
+    try:
+        with db.session() as s:
+            repo.touch_upload(s, file_id=file_id, received=0 if single else None)
+    except Exception:  # the PUT's own error is the one to report
+        log.exception("could not record the failed PUT of upload %s", file_id)
+
+
+def part_stored(db: Database, blobs: BlobStore, *, file_id: str) -> None:
+    """A part PUT ended with its part stored: the upload is marked active. A part stored for an upload no longer in
+    progress (aborted, swept or completed meanwhile) is removed with the upload's other parts, and the PUT fails."""
+    with db.session() as s:
+        if repo.touch_upload(s, file_id=file_id):
+            return
+        row = s.get(FileRow, file_id)
+    blobs.delete_prefix(f"uploads/{file_id}")
+    raise _ended(row, file_id)
+
+
+async def receive_body(body: AsyncIterator[bytes], writer: BlobWriter, *, intake: Intake, hashers: list[Any]) -> int:
+    """Stream a request body into `writer`, updating `hashers` and `intake.received`; returns the byte count.
 
     Hashing and writing run in a worker thread on blocks of a few MiB, so the event loop stays free
     and the server holds at most one block per upload in memory.
@@ -190,9 +335,12 @@ async def receive_body(body: AsyncIterator[bytes], writer: BlobWriter, *, limit:
         writer.write(block)
 
     async for chunk in body:
+        if intake.stopped is not None:
+            raise intake.stopped
         total += len(chunk)
-        if total > limit:
-            raise PayloadTooLargeError(f"upload is larger than the limit of {limit} bytes")
+        if total > intake.limit:
+            raise intake.too_large()
+        intake.received = total
         buf += chunk
         if len(buf) >= FLUSH_BYTES:
             block = bytes(buf)
@@ -204,13 +352,14 @@ async def receive_body(body: AsyncIterator[bytes], writer: BlobWriter, *, limit:
 
 
 def pending_upload(db: Database, *, file_id: str, kind: str) -> FileRow:
+    """The upload whose bytes a PUT brings, marked active now."""
     with db.session() as s:
         row = repo.get_file_any_owner(s, file_id=file_id)
         if row is None or row.state == "deleted":
             raise NotFoundError(f"upload for file {file_id!r} not found")
         if row.upload_kind != kind:
             raise InvalidRequestError(f"file {file_id!r} was opened as a {row.upload_kind} upload")
-        if row.state != "uploading":
+        if row.state != "uploading" or not repo.touch_upload(s, file_id=file_id):
             raise ConflictError(f"file {file_id!r} has already been uploaded")
         return row
 
@@ -228,10 +377,18 @@ def finish_single_upload(db: Database, *, row: FileRow, size: int, digest: str, 
         )
 
 
-def mark_uploaded(db: Database, *, file_id: str, size: int) -> None:
+def mark_uploaded(db: Database, blobs: BlobStore, *, file_id: str, size: int) -> None:
+    """`uploading` -> `uploaded`, once the bytes are stored under the file's key. If the upload is gone meanwhile
+    (aborted, or swept when idle) the stored bytes are removed again and it is a 404; already uploaded (by another
+    request, whose bytes stay) a 409."""
     with db.session() as s:
-        if not repo.set_state(s, file_id=file_id, from_states=("uploading",), to_state="uploaded", bytes=size):
-            raise ConflictError(f"file {file_id!r} has already been uploaded")
+        if repo.set_state(s, file_id=file_id, from_states=("uploading",), to_state="uploaded", bytes=size):
+            return
+        row = s.get(FileRow, file_id)
+    error = _ended(row, file_id)
+    if isinstance(error, NotFoundError):
+        blobs.delete(blob_key(file_id))
+    raise error
 
 
 def finalise(db: Database, *, file_id: str, owner: str) -> tuple[FileRow, bool]:
@@ -258,11 +415,21 @@ def finalise(db: Database, *, file_id: str, owner: str) -> tuple[FileRow, bool]:
 
 
 def complete_multipart(
-    db: Database, blobs: BlobStore, *, owner: str, file_id: str, upload_id: str, parts: list[tuple[int, str]]
+    db: Database,
+    blobs: BlobStore,
+    *,
+    owner: str,
+    file_id: str,
+    upload_id: str,
+    parts: list[tuple[int, str]],
+    idle_s: float = 3600.0,
 ) -> FileRow:
-    """Join the parts in order into the final blob, verifying every ETag, the size and the checksum."""
+    """Join the parts in order into the final blob, verifying every ETag, the size and the checksum. The upload is
+    marked active as the join starts and while it runs, so an upload idle for `idle_s` is swept, never one being
+    completed."""
     with db.session() as s:
         row = repo.get_file(s, file_id=file_id, owner=owner, states=("uploading",))
+        repo.touch_upload(s, file_id=file_id)
     if row.upload_kind != "multipart" or row.upload_id != upload_id:
         raise InvalidRequestError(f"upload_id {upload_id!r} does not belong to file {file_id!r}", param="upload_id")
     numbers = [n for n, _ in parts]
@@ -276,8 +443,14 @@ def complete_multipart(
     sha = hashlib.sha256()
     writer = blobs.writer(blob_key(file_id))
     total = 0
+    beat_s, last_beat = beat_interval(idle_s), time.monotonic()
     try:
         for n in expected:
+            if time.monotonic() - last_beat >= beat_s:
+                with db.session() as s:
+                    repo.touch_upload(s, file_id=file_id)
+                writer.touch()
+                last_beat = time.monotonic()
             key = part_key(file_id, n)
             if not blobs.exists(key):
                 raise InvalidRequestError(f"part {n} was never uploaded", param="parts")
@@ -303,7 +476,7 @@ def complete_multipart(
         writer.abort()
         raise
     blobs.delete_prefix(f"uploads/{file_id}")
-    mark_uploaded(db, file_id=file_id, size=total)
+    mark_uploaded(db, blobs, file_id=file_id, size=total)
     finalised, _ = finalise(db, file_id=file_id, owner=owner)
     return finalised
 
@@ -356,16 +529,32 @@ def stream_content(blobs: BlobStore, file_id: str, chunk: int = 1 << 20) -> Iter
             yield block
 
 
-def sweep_stale_uploads(db: Database, blobs: BlobStore, *, older_than_s: float) -> int:
-    """Forget uploads that never finished; their partial bytes were never visible."""
-    cutoff = time.time() - older_than_s
+def sweep_stale_uploads(db: Database, blobs: BlobStore, *, idle_s: float) -> int:
+    """Forget uploads that never finished and saw no activity for `idle_s` (no PUT of their bytes or a part
+    started, ran or ended; no /complete): their rows, parts and stored bytes, which were never visible, and
+    temporary files of writes as old (a PUT cut short by a crash). A row goes only while it is still unfinished and
+    still idle, in one conditional statement: a file finished or touched meanwhile stays; files that finished and
+    jobs are never looked at."""
+    cutoff = time.time() - idle_s
     with db.session() as s:
-        stale = repo.stale_uploads(s, older_than=cutoff)
-        ids = [r.id for r in stale]
-        for file_id in ids:
-            repo.delete_row(s, file_id=file_id)
+        candidates = repo.stale_upload_ids(s, older_than=cutoff)
+        ids = [i for i in candidates if repo.delete_stale_upload(s, file_id=i, older_than=cutoff)]
     for file_id in ids:
         blobs.delete_prefix(f"uploads/{file_id}")
         blobs.delete(blob_key(file_id))
-    blobs.sweep_temporary(older_than_s)
+    blobs.sweep_temporary(idle_s)
     return len(ids)
+
+
+async def sweep_while_serving(db: Database, blobs: BlobStore, *, idle_s: float) -> None:
+    """Sweep idle uploads every `sweep_interval(idle_s)` until cancelled (the app's lifespan runs this)."""
+    sweep = functools.partial(sweep_stale_uploads, db, blobs, idle_s=idle_s)
+    while True:
+        await anyio.sleep(sweep_interval(idle_s))
+        try:
+            swept = await anyio.to_thread.run_sync(sweep)
+        except Exception:  # a database or storage hiccup: the next round tries again
+            log.exception("sweeping idle uploads failed")
+        else:
+            if swept:
+                log.info("%d idle uploads removed", swept)
