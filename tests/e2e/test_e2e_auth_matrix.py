@@ -163,8 +163,16 @@ def test_bad_credentials_get_401_on_every_protected_operation(world: tuple[LiveS
             if not op.get("security"):
                 continue
             kwargs, _ = _request(method, template, op, schema, alice.values)
+            broken = {"url": kwargs["url"], "content": b'{"not json', "params": {"resolution": "-x", "limit": "?"}}
             for label, header in {**BAD_CREDENTIALS, "revoked key": f"Bearer {revoked}"}.items():
-                r = http.request(method, headers={"Authorization": header} if header else {}, **kwargs)
+                headers = {"Authorization": header} if header else {}
+                # The key is checked first: a broken body or query changes nothing.
+                r = http.request(method, headers={**headers, "Content-Type": "application/json"}, **broken)
+                try:
+                    assert_envelope(r, 401)
+                except AssertionError as exc:
+                    failures.append(f"{method} {template} with {label} and a broken body: {exc}")
+                r = http.request(method, headers=headers, **kwargs)
                 try:
                     body = assert_envelope(r, 401)
                     assert body["error"]["type"] == "authentication_error", body

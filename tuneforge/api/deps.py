@@ -49,6 +49,15 @@ def get_principal(
     db: Annotated[Database, Depends(get_db)],
     _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The caller, as `routing.AuthFirstRoute` found it before the request was read (or now, outside such a route)."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
+    return authenticate(request, db)
+
+
+def authenticate(request: Request, db: Database) -> Principal:
+    """Who the request's API key belongs to; AuthenticationError (401) for a missing, malformed or revoked key."""
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if not header:

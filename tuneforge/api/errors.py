@@ -40,6 +40,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     problems = []
     first_param = None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            where = err.get("loc", ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "")
+            return f"The request body is not valid JSON (at character {where}: {reason})", None
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
         where = ".".join(loc) or "body"
         first_param = first_param or where

@@ -39,3 +39,14 @@ def test_every_string_field_of_every_body_refuses_what_cannot_be_stored(ft_share
                                   | {"content-type": "application/json"})  # fmt: skip
         assert r.status_code == 400, (route, field, r.status_code, r.text)
         assert r.json()["error"]["param"] == field, (route, field, r.text)
+
+
+@pytest.mark.parametrize("path", sorted(STRING_FIELDS))
+def test_a_body_that_is_not_json_is_a_400_that_says_so(api, path: str) -> None:
+    headers = {**api.alice, "Content-Type": "application/json"}
+    r = api.client.post(path, content=b'{"file_id": "f", ', headers=headers)
+    assert r.status_code == 400, r.text
+    assert "not valid JSON" in r.json()["error"]["message"] and r.json()["error"]["param"] is None
+    # Without a key, the key is what is wrong: it is checked before the body is read.
+    r = api.client.post(path, content=b'{"file_id": "f", ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 401, r.text

@@ -6,7 +6,7 @@ import hashlib
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Request
+from fastapi import Form, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tuneforge.api.deps import BlobsDep, DbDep, PrincipalDep, SettingsDep
@@ -23,10 +23,11 @@ from tuneforge.api.files.schemas import (
 )
 from tuneforge.api.files.signing import signed_query, verify
 from tuneforge.api.responses import binary, errors
+from tuneforge.api.routing import api_router
 from tuneforge.errors import InvalidRequestError
 
-router = APIRouter(prefix="/files", tags=["files"])
-uploads = APIRouter(prefix="/uploads", tags=["uploads"], responses=errors(403, 409, 413))
+router = api_router(prefix="/files", tags=["files"])
+uploads = api_router(prefix="/uploads", tags=["uploads"], responses=errors(403, 409, 413))
 
 
 def _base_url(request: Request, public_url: str) -> str:

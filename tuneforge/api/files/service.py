@@ -422,7 +422,7 @@ def complete_multipart(
     file_id: str,
     upload_id: str,
     parts: list[tuple[int, str]],
-    idle_s: float = 3600.0,
+    idle_s: float,
 ) -> FileRow:
     """Join the parts in order into the final blob, verifying every ETag, the size and the checksum. The upload is
     marked active as the join starts and while it runs, so an upload idle for `idle_s` is swept, never one being

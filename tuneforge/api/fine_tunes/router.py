@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tuneforge.api.deps import BlobsDep, DbDep, PrincipalDep, SettingsDep
@@ -31,12 +31,13 @@ from tuneforge.api.fine_tunes.schemas import (
     TokenizedDatasetPublic,
 )
 from tuneforge.api.responses import binary, errors
+from tuneforge.api.routing import api_router
 
-router = APIRouter(prefix="/fine-tunes", tags=["fine-tuning"])
-downloads = APIRouter(prefix="/finetune", tags=["fine-tuning"])
+router = api_router(prefix="/fine-tunes", tags=["fine-tuning"])
+downloads = api_router(prefix="/finetune", tags=["fine-tuning"])
 # Fetched with no API key (the URL's signature authorises it), so it lives outside `/v1`, where every route needs
 # a key; beside `/uploads`, the other signed routes.
-signed = APIRouter(prefix="/downloads/fine-tunes", tags=["fine-tuning"], responses=errors(403))
+signed = api_router(prefix="/downloads/fine-tunes", tags=["fine-tuning"], responses=errors(403))
 
 # The signature of a tokenized-dataset URL covers the job id and this "part", so it can never pass for an
 # upload URL (those sign a file id and a part >= 0).

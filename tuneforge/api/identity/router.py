@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-
 from tuneforge.api.deps import PrincipalDep
+from tuneforge.api.routing import api_router
 
-router = APIRouter(tags=["identity"])
-router_v3 = APIRouter(tags=["identity"])
+router = api_router(tags=["identity"])
+router_v3 = api_router(tags=["identity"])
 
 
 @router.get("/whoami")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import Header, Query
 from fastapi.responses import JSONResponse
 
 from tuneforge.api.deps import DbDep, PrincipalDep, SettingsDep
 from tuneforge.api.fine_tunes import service
 from tuneforge.api.fine_tunes.deps import CatalogDep
 from tuneforge.api.models.schemas import ModelList, ModelPublic, Pricing
+from tuneforge.api.routing import api_router
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.errors import NotFoundError
@@ -22,7 +23,7 @@ from tuneforge.settings import Settings
 from tuneforge.store import Database
 from tuneforge.store.tables import JobRow
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = api_router(prefix="/models", tags=["models"])
 
 # Together prices are dollars per million tokens.
 PER_MILLION = 1_000_000
