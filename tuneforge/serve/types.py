@@ -5,7 +5,10 @@ Torch-free, so the model server's app, the API's client and the tests share thes
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,21 @@ class EngineOverloaded(EngineError):
     """Out of memory or slots; the request was not started."""
 
     status_code = 503
+
+
+class Engine(Protocol):
+    """What a model server drives: `backends` implement it (transformers in-process; vLLM is reached over HTTP)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[GeneratedToken]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def load_adapter(self, name: str, folder: Path) -> None: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
