@@ -107,6 +107,20 @@ class Settings(BaseSettings):
     prepare_models: bool = Field(
         True, description="a preview of a model no run has prepared yet converts or downloads it in the background"
     )
+    serve_backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="model servers: transformers (in tuneforge's environment) or vllm (GPU hosts)"
+    )
+    serve_memory_bytes: int = Field(
+        8 * GIB, description="memory all serverless model servers may use together; idle ones stop to make room"
+    )
+    serve_idle_s: float = Field(600.0, gt=0, description="a serverless model server idle this long is stopped")
+    serve_start_timeout_s: float = Field(300.0, gt=0, description="how long a model server may take to start")
+    serve_dtype: TrainDtype = Field(
+        "auto", description="model servers' dtype: auto (bf16 where the machine runs it fast, else fp32), fp32, bf16"
+    )
+    serve_max_batch: int = Field(32, ge=1, description="requests one model server decodes together")
+    serve_max_loras: int = Field(8, ge=1, description="LoRA adapters one model server keeps loaded (LRU)")
+    serve_threads: int | None = Field(None, description="torch threads per model server (default: all cores)")
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
     train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
     train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")

@@ -19,12 +19,14 @@ from tuneforge.api.files.processing import FileProcessor
 from tuneforge.api.files.service import sweep_stale_uploads, sweep_while_serving
 from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.identity import router as identity
+from tuneforge.api.inference import router as inference
 from tuneforge.api.models import router as models
 from tuneforge.api.responses import complete_schema
 from tuneforge.catalog import background
 from tuneforge.catalog.registry import Catalog
 from tuneforge.jobs.executors.registry import make_executor
 from tuneforge.jobs.worker import Worker
+from tuneforge.serve.pool import ModelServerPool
 from tuneforge.settings import Settings
 from tuneforge.storage import open_blob_store
 from tuneforge.store import open_database
@@ -59,7 +61,9 @@ def create_app(settings: Settings) -> FastAPI:
         sweeper = asyncio.create_task(sweep_while_serving(db, blobs, idle_s=settings.stale_upload_s))
         if app.state.worker is not None:
             app.state.worker.start()
+        app.state.pool.start()
         yield
+        app.state.pool.shutdown()  # model servers end with the server that started them
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper  # a sweep under way ends first: it uses the database closed below
@@ -81,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.upload_secret = _upload_secret(settings)
     app.state.catalog = Catalog(blobs)
     app.state.processor = FileProcessor(db, blobs, settings)
+    app.state.pool = ModelServerPool(settings)
     app.state.worker = (
         Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
         if settings.run_worker
@@ -95,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     v1.include_router(fine_tunes.router)
     v1.include_router(fine_tunes.downloads)
     v1.include_router(models.router)
+    v1.include_router(inference.router)
     app.include_router(v1)
     app.include_router(identity.router_v3, prefix="/v3")
     app.include_router(files.uploads)

@@ -1,0 +1,172 @@
+"""`POST /chat/completions` and `POST /completions` (api-contract 4.1, 4.2): check the request, find the weights it
+names (`service.resolve`), get their model server from the pool, load the adapter there if needed, and proxy the
+request, streamed or not, re-shaped for both SDKs (`wire.py`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tuneforge.api.deps import DbDep, PrincipalDep
+from tuneforge.api.errors import error_body
+from tuneforge.api.fine_tunes.deps import CatalogDep
+from tuneforge.api.inference import service, wire
+from tuneforge.api.inference.schemas import ChatRequest, CompletionRequest, Sampling
+from tuneforge.api.responses import errors
+from tuneforge.api.routing import api_router
+from tuneforge.errors import TuneForgeError
+from tuneforge.serve.pool import ModelProcess, ModelServerPool, PoolError
+
+router = api_router(tags=["inference"])
+
+# Generation can take long; connecting and loading an adapter should not.
+_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0)
+
+
+class ServingError(TuneForgeError):
+    error_type = "server_error"
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _pool(request: Request) -> ModelServerPool:
+    pool: ModelServerPool = request.app.state.pool
+    return pool
+
+
+def _model_body(body: Sampling, target: service.Target, extra: dict[str, Any]) -> dict[str, Any]:
+    """The request as the model server reads it (vLLM's fields): only what was checked, under the served name."""
+    out = body.model_dump(exclude_none=True, exclude={"model", "stream_options", "safety_model", "echo", "logit_bias"})
+    out["model"] = target.adapter_name or target.base.name
+    out.update(extra)
+    return out
+
+
+async def _ensure_adapter(request: Request, server: ModelProcess, target: service.Target) -> None:
+    if target.adapter_name is None:
+        return
+    settings = request.app.state.settings
+    folder = await anyio.to_thread.run_sync(
+        service.adapter_folder, request.app.state.blobs, settings.home / "models", target
+    )
+    async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+        r = await client.post(
+            f"{server.url}/v1/load_lora_adapter", json={"lora_name": target.adapter_name, "lora_path": str(folder)}
+        )
+    if r.status_code != 200:
+        message = r.json().get("error", {}).get("message", r.text) if r.content else r.reason_phrase
+        raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+
+
+async def _proxy(
+    request: Request, body: Sampling, target: service.Target, *, chat: bool, together_logprobs: bool
+) -> Response:
+    pool = _pool(request)
+    try:
+        server = await anyio.to_thread.run_sync(pool.acquire, target.base)
+    except PoolError as exc:
+        raise ServingError(exc.message, exc.status_code) from None
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    extra: dict[str, Any] = {}
+    if isinstance(body, ChatRequest):
+        top = body.top_alternatives()
+        extra = {"logprobs": top is not None, "top_logprobs": top or 0}
+        extra["max_tokens"] = body.max_tokens or body.max_completion_tokens
+        extra = {k: v for k, v in extra.items() if v is not None}
+    payload = _model_body(body, target, extra)
+    streaming = False
+    try:
+        await _ensure_adapter(request, server, target)
+        if not body.stream:
+            async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+                r = await client.post(f"{server.url}{path}", json=payload)
+            answer = r.json()
+            if r.status_code != 200:
+                return _relay_error(r.status_code, answer)
+            return JSONResponse(wire.whole(answer, model=target.public_name, chat=chat,
+                                           together_logprobs=together_logprobs))  # fmt: skip
+        response = await _stream(pool, server, path, payload, body, target, chat=chat,
+                                 together_logprobs=together_logprobs)  # fmt: skip
+        streaming = isinstance(response, StreamingResponse)
+        return response
+    except httpx.HTTPError as exc:
+        raise ServingError(f"the model server for {target.base.name} failed: {type(exc).__name__}", 502) from None
+    finally:
+        if not streaming:  # a stream releases its server when it ends
+            pool.release(server)
+
+
+def _relay_error(status: int, answer: Any) -> Response:
+    err = answer.get("error", {}) if isinstance(answer, dict) else {}
+    message = err.get("message") or f"the model server answered {status}"
+    kind = err.get("type") or ("invalid_request_error" if status < 500 else "server_error")
+    headers = {"x-should-retry": "false"} if status >= 500 else None
+    return JSONResponse(error_body(message, kind, err.get("param")), status_code=status, headers=headers)
+
+
+async def _stream(
+    pool: ModelServerPool,
+    server: ModelProcess,
+    path: str,
+    payload: dict[str, Any],
+    body: Sampling,
+    target: service.Target,
+    *,
+    chat: bool,
+    together_logprobs: bool,
+) -> Response:
+    client = httpx.AsyncClient(timeout=_TIMEOUT)
+    upstream = await client.send(client.build_request("POST", f"{server.url}{path}", json=payload), stream=True)
+    if upstream.status_code != 200:
+        content = await upstream.aread()
+        await upstream.aclose()
+        await client.aclose()
+        return _relay_error(upstream.status_code, json.loads(content or b"{}"))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            chunks = wire.stream(
+                upstream.aiter_lines(),
+                model=target.public_name,
+                chat=chat,
+                include_usage=include_usage,
+                together_logprobs=together_logprobs,
+            )
+            async for chunk in chunks:
+                yield chunk
+        finally:  # a client that went away closes the upstream stream, and the model server frees its slot
+            await upstream.aclose()
+            await client.aclose()
+            pool.release(server)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/chat/completions", responses=errors(404, 409))
+async def chat_completions(
+    request: Request, body: ChatRequest, principal: PrincipalDep, db: DbDep, catalog: CatalogDep
+) -> Response:
+    """Chat with a catalog model or one of your fine-tuned models (streamed as server-sent events, or not)."""
+    target = await anyio.to_thread.run_sync(lambda: service.resolve(db, catalog, owner=principal.owner,
+                                                                     model=body.model))  # fmt: skip
+    together_style = isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool)
+    return await _proxy(request, body, target, chat=True, together_logprobs=together_style)
+
+
+@router.post("/completions", responses=errors(404, 409))
+async def completions(
+    request: Request, body: CompletionRequest, principal: PrincipalDep, db: DbDep, catalog: CatalogDep
+) -> Response:
+    """Continue a prompt with a catalog model or one of your fine-tuned models."""
+    target = await anyio.to_thread.run_sync(lambda: service.resolve(db, catalog, owner=principal.owner,
+                                                                     model=body.model))  # fmt: skip
+    return await _proxy(request, body, target, chat=False, together_logprobs=False)

@@ -1,0 +1,35 @@
+"""How a model server process is started, per backend (`TUNEFORGE_SERVE_BACKEND`): `transformers` runs
+`python -m tuneforge.serve` (the engine of `serve/engine.py`); every backend's process speaks the same OpenAI
+protocol (vLLM's), so the pool and the API's proxy do not depend on which one runs."""
+
+from __future__ import annotations
+
+import sys
+
+import msgspec
+
+from tuneforge.catalog.source import ModelSource
+from tuneforge.settings import Settings, child_environment
+
+
+def transformers_command(settings: Settings, source: ModelSource, port: int) -> tuple[list[str], dict[str, str]]:
+    command = [
+        sys.executable, "-m", "tuneforge.serve",
+        "--source", msgspec.json.encode(source).decode(),
+        "--cache-dir", str(settings.home / "models"),
+        "--port", str(port),
+        "--dtype", settings.serve_dtype,
+        "--max-batch", str(settings.serve_max_batch),
+        "--max-loras", str(settings.serve_max_loras),
+        "--storage-url", settings.storage_url,
+    ]  # fmt: skip
+    if settings.serve_threads:
+        command += ["--threads", str(settings.serve_threads)]
+    return command, child_environment()
+
+
+def launch_command(settings: Settings, source: ModelSource, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command line and the explicit environment of a model server for `source` on `port`."""
+    if settings.serve_backend == "transformers":
+        return transformers_command(settings, source, port)
+    raise ValueError(f"unknown serving backend {settings.serve_backend!r}")
