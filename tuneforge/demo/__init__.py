@@ -137,7 +137,7 @@ def run_demo(*, home: Path | None = None, port: int = 0) -> int:
         _say("LoRA fine-tuning SmolLM2-135M-Instruct on it, on this machine's CPU")
         from tuneforge.demo import finetune
 
-        learned = finetune.run(client, uploaded.id, settings.home / "models")
+        learned = finetune.run(client, uploaded.id)
         _say("demo finished" if learned else "demo finished, but the model did not learn the answer")
         return 0 if learned else 1
     finally:

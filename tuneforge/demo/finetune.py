@@ -1,5 +1,5 @@
-"""The fine-tuning half of the demo: a LoRA job through the together SDK, watched live, then the result
-downloaded and asked a question from the training data next to the base model.
+"""The fine-tuning half of the demo: a LoRA job through the together SDK, watched live, then the result asked a
+question from the training data through the SDK's chat, next to the base model (both served by the server).
 """
 
 from __future__ import annotations
@@ -7,9 +7,7 @@ from __future__ import annotations
 import io
 import sys
 import tarfile
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -55,30 +53,15 @@ def watch(client: Any, job_id: str, poll_s: float = 1.0) -> Any:
         time.sleep(poll_s)
 
 
-def answer(model_dir: Path, adapter_dir: Path | None, question: str) -> str:
-    """Greedy answer of the base model (with the adapter, when given) to one question."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer: Any = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
+def answer(client: Any, model: str, question: str) -> str:
+    """Greedy answer of a served model (the base, or a fine-tuned output by its name) through the SDK's chat."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=48, do_sample=False)
-    return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
+    out = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0)
+    return str(out.choices[0].message.content or "").strip()
 
 
-def run(client: Any, file_id: str, cache_dir: Path) -> bool:
-    """Fine-tune, watch, download, compare. Returns whether the tuned model learned the answer."""
-    from tuneforge.catalog.entries import SMOLLM2
-    from tuneforge.catalog.loading import resolve_model_dir
-    from tuneforge.catalog.source import ModelSource
-
+def run(client: Any, file_id: str) -> bool:
+    """Fine-tune, watch, download, chat. Returns whether the tuned model learned the answer."""
     job = client.fine_tuning.create(
         training_file=file_id,
         model=BASE_MODEL,
@@ -99,16 +82,14 @@ def run(client: Any, file_id: str, cache_dir: Path) -> bool:
         print(f"the job ended {job.status}: {getattr(job, 'error', '')}")
         return False
 
-    print("\n== downloading the LoRA adapter and asking a question from the training data")
+    output = job.output_name or job.x_model_output_name
     archive = client.fine_tuning.content(ft_id=job.id, checkpoint="adapter").read()
-    adapter_dir = Path(tempfile.mkdtemp(prefix="tuneforge-demo-adapter-"))
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        tar.extractall(adapter_dir, filter="data")
-    config = next(adapter_dir.rglob("adapter_config.json")).parent
-    source = ModelSource(name=SMOLLM2.name, source_kind=SMOLLM2.source_kind, source=SMOLLM2.source)
-    base_dir = resolve_model_dir(source, cache_dir)
-    before = answer(base_dir, None, QUESTION)
-    after = answer(base_dir, config, QUESTION)
+        names = tar.getnames()
+    print(f"\nthe adapter downloads as a {len(archive) >> 10} KiB archive of {len(names)} files")
+    print("\n== chatting with the base model and the fine-tuned one, served at once (serverless LoRA)")
+    before = answer(client, BASE_MODEL, QUESTION)
+    after = answer(client, output, QUESTION)
     print(f"Q: {QUESTION}\n  base model : {before}\n  fine-tuned : {after}")
     learned = EXPECTED in after
     print(f"the fine-tuned model {'answers' if learned else 'does NOT answer'} the way the data taught ({EXPECTED!r})")
