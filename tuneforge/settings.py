@@ -23,10 +23,10 @@ DEFAULT_WANDB_URL = "https://api.wandb.ai"
 _CHILD_NAMES = frozenset({
     "PATH", "HOME", "USER", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "VIRTUAL_ENV",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "CUDA_VISIBLE_DEVICES",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "LD_LIBRARY_PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
 })  # fmt: skip
 _CHILD_PREFIXES = ("LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "OPENBLAS_",
-                   "KMP_", "NVIDIA_", "CUDA_", "WANDB_")  # fmt: skip
+                   "KMP_", "NVIDIA_", "CUDA_", "NCCL_", "TRITON_", "WANDB_")  # fmt: skip
 
 
 # The server's own W&B credentials never reach a run by inheritance: a run gets the job's own key, or the server's
@@ -45,6 +45,22 @@ def child_environment(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.update(extra)
+    return env
+
+
+# vLLM's own settings reach a vLLM model server (`vllm_environment`), except its API key: with one, vLLM would
+# refuse the API's requests, which carry none.
+_VLLM_WITHHELD = frozenset({"VLLM_API_KEY"})
+# The values vLLM's `--max-lora-rank` accepts (its LoRAConfig.max_lora_rank Literal).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_environment(**extra: str) -> dict[str, str]:
+    """The explicit environment of a vLLM model server: a child's (`child_environment`) without W&B's settings
+    (a model server logs nothing there), plus the server's `VLLM_*` settings, then `extra`."""
+    env = {k: v for k, v in child_environment().items() if not k.startswith("WANDB_")}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_") and k not in _VLLM_WITHHELD})
     env.update(extra)
     return env
 
@@ -121,6 +137,22 @@ class Settings(BaseSettings):
     serve_max_batch: int = Field(32, ge=1, description="requests one model server decodes together")
     serve_max_loras: int = Field(8, ge=1, description="LoRA adapters one model server keeps loaded (LRU)")
     serve_threads: int | None = Field(None, description="torch threads per model server (default: all cores)")
+    vllm_command: str = Field(
+        "vllm serve",
+        description="serve_backend vllm: the command that starts vLLM's OpenAI server (split like a shell line), to "
+        "which the model folder is appended as the next argument, then tuneforge's flags: `vllm serve` (the "
+        "default, from PATH) or `/opt/vllm/bin/vllm serve`, or `/opt/vllm/bin/python -m "
+        "vllm.entrypoints.openai.api_server --model` for another environment's python",
+    )
+    vllm_max_loras: int = Field(0, ge=0, description="vLLM's --max-loras: adapters in one batch (0: serve_max_loras)")
+    vllm_max_lora_rank: int = Field(64, description=f"vLLM's --max-lora-rank, one of {VLLM_LORA_RANKS}; an adapter "
+                                                    "of a higher rank is refused before it is loaded")  # fmt: skip
+    vllm_max_cpu_loras: int = Field(
+        0, ge=0, description="vLLM's --max-cpu-loras: adapters kept in host memory (0: vllm_max_loras)"
+    )
+    vllm_extra_args: str = Field(
+        "", description="more vLLM flags, appended last (split like a shell line), e.g. --gpu-memory-utilization 0.5"
+    )
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
     train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
     train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")
@@ -154,6 +186,13 @@ class Settings(BaseSettings):
             self.storage_url = str(self.home / "blobs")
         if not self.max_pending_upload_bytes:
             self.max_pending_upload_bytes = 2 * self.max_file_bytes
+        self.vllm_max_loras = self.vllm_max_loras or self.serve_max_loras
+        self.vllm_max_cpu_loras = self.vllm_max_cpu_loras or self.vllm_max_loras
+        if self.vllm_max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"vllm_max_lora_rank must be one of {VLLM_LORA_RANKS} (vLLM's ranks)")
+        if self.vllm_max_cpu_loras < self.vllm_max_loras:
+            raise ValueError(f"vllm_max_cpu_loras ({self.vllm_max_cpu_loras}) must be at least vllm_max_loras "
+                             f"({self.vllm_max_loras}), as vLLM requires")  # fmt: skip
         return self
 
     def ensure_home(self) -> None:

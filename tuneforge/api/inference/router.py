@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,7 +21,8 @@ from tuneforge.api.inference import service, wire
 from tuneforge.api.inference.schemas import ChatRequest, CompletionRequest, Sampling
 from tuneforge.api.responses import errors
 from tuneforge.api.routing import api_router
-from tuneforge.errors import TuneForgeError
+from tuneforge.errors import InvalidRequestError, TuneForgeError
+from tuneforge.serve.adapter_check import AdapterRefused, check_adapter
 from tuneforge.serve.pool import ModelProcess, ModelServerPool, PoolError
 
 router = api_router(tags=["inference"])
@@ -50,26 +52,57 @@ def _model_body(body: Sampling, target: service.Target, extra: dict[str, Any]) -
     return out
 
 
-async def _ensure_adapter(request: Request, server: ModelProcess, target: service.Target) -> None:
+async def _adapter_folder(request: Request, target: service.Target) -> Path | None:
+    """The adapter's local folder (downloaded once), checked for what no backend serves (`serve/adapter_check.py`)
+    before any model server is started or asked to load it."""
     if target.adapter_name is None:
-        return
+        return None
     settings = request.app.state.settings
-    folder = await anyio.to_thread.run_sync(
+    folder: Path = await anyio.to_thread.run_sync(
         service.adapter_folder, request.app.state.blobs, settings.home / "models", target
     )
+    max_rank = settings.vllm_max_lora_rank if settings.serve_backend == "vllm" else None
+    try:
+        await anyio.to_thread.run_sync(lambda: check_adapter(folder, max_rank=max_rank))
+    except AdapterRefused as exc:
+        raise InvalidRequestError(f"fine-tuned model {target.public_name}: {exc}", param="model") from None
+    return folder
+
+
+async def _ensure_adapter(server: ModelProcess, target: service.Target, folder: Path | None) -> None:
+    if target.adapter_name is None or folder is None:
+        return
     async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
         r = await client.post(
             f"{server.url}/v1/load_lora_adapter", json={"lora_name": target.adapter_name, "lora_path": str(folder)}
         )
-    if r.status_code != 200:
-        message = r.json().get("error", {}).get("message", r.text) if r.content else r.reason_phrase
-        raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+    if r.status_code == 200:
+        return
+    message = _upstream_message(r)
+    if r.status_code == 400 and "already been loaded" in message:  # vLLM's answer to loading a name again
+        return
+    raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+
+
+def _upstream_message(r: httpx.Response) -> str:
+    """The message of a model server's error answer: OpenAI's shape, vLLM's older flat one, or the text."""
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text or r.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error")
+        message = err.get("message") if isinstance(err, dict) else body.get("message") or body.get("detail")
+        if message:
+            return str(message)
+    return r.text or r.reason_phrase
 
 
 async def _proxy(
     request: Request, body: Sampling, target: service.Target, *, chat: bool, together_logprobs: bool
 ) -> Response:
     pool = _pool(request)
+    folder = await _adapter_folder(request, target)
     try:
         server = await anyio.to_thread.run_sync(pool.acquire, target.base)
     except PoolError as exc:
@@ -82,9 +115,11 @@ async def _proxy(
         extra["max_tokens"] = body.max_tokens or body.max_completion_tokens
         extra = {k: v for k, v in extra.items() if v is not None}
     payload = _model_body(body, target, extra)
+    if body.stream:  # vLLM sends a stream's usage only when asked; wire.stream puts it where each SDK reads it
+        payload["stream_options"] = {"include_usage": True}
     streaming = False
     try:
-        await _ensure_adapter(request, server, target)
+        await _ensure_adapter(server, target, folder)
         if not body.stream:
             async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
                 r = await client.post(f"{server.url}{path}", json=payload)

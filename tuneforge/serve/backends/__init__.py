@@ -1,6 +1,7 @@
 """How a model server process is started, per backend (`TUNEFORGE_SERVE_BACKEND`): `transformers` runs
-`python -m tuneforge.serve` (the engine of `serve/engine.py`); every backend's process speaks the same OpenAI
-protocol (vLLM's), so the pool and the API's proxy do not depend on which one runs."""
+`python -m tuneforge.serve` (the engine of `serve/engine.py`); `vllm` runs vLLM's OpenAI server (`vllm.py`); every
+backend's process speaks the same OpenAI protocol (vLLM's), so the pool and the API's proxy do not depend on which
+one runs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import msgspec
 
 from tuneforge.catalog.source import ModelSource
+from tuneforge.serve.backends.vllm import vllm_command
 from tuneforge.settings import Settings, child_environment
 
 
@@ -32,4 +34,6 @@ def launch_command(settings: Settings, source: ModelSource, port: int) -> tuple[
     """The command line and the explicit environment of a model server for `source` on `port`."""
     if settings.serve_backend == "transformers":
         return transformers_command(settings, source, port)
+    if settings.serve_backend == "vllm":
+        return vllm_command(settings, source, port)
     raise ValueError(f"unknown serving backend {settings.serve_backend!r}")
