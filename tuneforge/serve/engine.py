@@ -42,6 +42,7 @@ at load) and no final-logit soft-capping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -50,7 +51,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -67,14 +68,21 @@ from tuneforge.serve.types import (
     GenerationRequest,
     PromptTooLong,
     SamplingParams,
-    UnknownAdapter,
 )
 from tuneforge.train.hardware import compute_dtype
+
+if TYPE_CHECKING:
+    from tuneforge.serve.types import Engine
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LORA_BYTES = 2 << 30
 DEFAULT_MAX_PREFILL_TOKENS = 8192
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers, all plain `DynamicLayer`s (checked when the engine loads the model)."""
+    return cast(list[DynamicLayer], cache.layers)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -121,8 +129,8 @@ class TransformersEngine:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else compute_dtype("auto", self.device)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        self.model: Any = model.to(self.device).eval()
         self.config = self.model.config
         layers = DynamicCache(config=self.config).layers
         if any(type(layer) is not DynamicLayer for layer in layers):
@@ -134,7 +142,8 @@ class TransformersEngine:
         self.vocab_size = int(self.head.weight.shape[0])
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
-        self.max_context = int(max_context or getattr(self.config, "max_position_embeddings", 2048))
+        configured: Any = getattr(self.config, "max_position_embeddings", None) or 2048
+        self.max_context = int(max_context or configured)
         self.lora_ctx, self.lora_modules = inject_multi_lora(self.model, max_loras + 1)
         self._shapes = {name: (m.out_features, m.in_features) for name, m in self.lora_modules.items()}
         self.adapters = AdapterRegistry(max_loras, max_lora_bytes)
@@ -308,10 +317,8 @@ class TransformersEngine:
     # ---------------------------------------------------------------- the step thread
 
     def _send(self, r: _Request, item: GeneratedToken | BaseException) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
             r.loop.call_soon_threadsafe(r.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody listens
-            pass
 
     def _end(self, r: _Request, error: BaseException | None = None) -> None:
         """Forget a request (caller holds _cv); an error, if any, goes to its stream."""
@@ -412,7 +419,7 @@ class TransformersEngine:
         src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
         if self._cache is None:
             self._cache = DynamicCache(config=self.config)
-        for layer, new_layer in zip(self._cache.layers, new.layers, strict=True):
+        for layer, new_layer in zip(_layers(self._cache), _layers(new), strict=True):
             assert new_layer.keys is not None and new_layer.values is not None
             parts: dict[str, torch.Tensor] = {}
             for kind in ("keys", "values"):
@@ -446,7 +453,7 @@ class TransformersEngine:
         width = self._cache.get_seq_length()
         needed = max(r.cache_len for r in self._running)
         index = torch.tensor(keep, device=self.device)
-        for layer in self._cache.layers:
+        for layer in _layers(self._cache):
             assert layer.keys is not None and layer.values is not None
             layer.keys = layer.keys.index_select(0, index)[:, :, width - needed :]
             layer.values = layer.values.index_select(0, index)[:, :, width - needed :]
@@ -537,3 +544,9 @@ class TransformersEngine:
             x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         probs = torch.softmax(x, dim=-1)
         return int(torch.multinomial(probs, 1, generator=r.generator))
+
+
+if TYPE_CHECKING:
+
+    def _is_an_engine(engine: TransformersEngine) -> Engine:
+        return engine  # mypy checks that TransformersEngine implements the Engine protocol

@@ -37,6 +37,10 @@ class LoraContext:
 class MultiLoraLinear(nn.Module):
     """A frozen `nn.Linear` plus stacked low-rank deltas, one per slot (slot 0 is the base model: zeros)."""
 
+    lora_A: torch.Tensor  # [slots, r_max, in]
+    lora_B: torch.Tensor  # [slots, out, r_max]
+    scale: torch.Tensor  # [slots], fp32
+
     def __init__(self, base: nn.Linear, slots: int, ctx: LoraContext) -> None:
         super().__init__()
         self.base = base
@@ -44,8 +48,12 @@ class MultiLoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         weight = base.weight
-        self.register_buffer("lora_A", torch.zeros(slots, 0, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, 0, dtype=weight.dtype, device=weight.device))
+        self.register_buffer(
+            "lora_A", torch.zeros(slots, 0, self.in_features, dtype=weight.dtype, device=weight.device)
+        )
+        self.register_buffer(
+            "lora_B", torch.zeros(slots, self.out_features, 0, dtype=weight.dtype, device=weight.device)
+        )
         self.register_buffer("scale", torch.zeros(slots, dtype=torch.float32, device=weight.device))
         self.active = [False] * slots  # which slots hold a non-zero delta for this module
 

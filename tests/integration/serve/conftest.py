@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 from serve_support import make_adapter
+
 from tuneforge.train.tiny_models import save_tiny_model
 
 
@@ -45,5 +45,7 @@ def adapters(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     out = {}
     for i, (r, alpha, targets, rslora) in enumerate(ADAPTER_SHAPES):
-        out[f"ad{i}"] = make_adapter(tiny_dir, root / f"ad{i}", seed=i + 1, r=r, alpha=alpha, targets=targets, rslora=rslora)
+        out[f"ad{i}"] = make_adapter(
+            tiny_dir, root / f"ad{i}", seed=i + 1, r=r, alpha=alpha, targets=targets, rslora=rslora
+        )
     return out

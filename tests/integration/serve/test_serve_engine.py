@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import pytest
 import torch
@@ -57,7 +56,10 @@ def test_32_concurrent_mixed_adapter_requests_equal_each_alone(engine):
         assert len(a) == r.sampling.max_tokens and a[-1].finish_reason == "length"
         assert [t.logprob for t in a] == pytest.approx([t.logprob for t in b], abs=1e-4)
     # the adapters matter: with the same prompt, most give another answer than the base model
-    same_prompt = [GenerationRequest(f"s{i}", prompt(1, 9), greedy(12), name) for i, name in enumerate([None, *engine.adapters.stats().loaded])]
+    same_prompt = [
+        GenerationRequest(f"s{i}", prompt(1, 9), greedy(12), name)
+        for i, name in enumerate([None, *engine.adapters.stats().loaded])
+    ]
     outs = [ids(o) for o in run(collect_all(engine, same_prompt))]
     assert sum(o != outs[0] for o in outs[1:]) >= 6
     assert engine.stats().running == 0 and engine.stats().extra["cache_columns"] == 0
@@ -73,7 +75,11 @@ def test_greedy_tokens_equal_peft_and_transformers_generate(engine, tiny_dir, ad
             model = PeftModel.from_pretrained(model, adapter_folder)
         model.eval()
         out = model.generate(
-            input_ids=torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+            input_ids=torch.tensor([p]),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=3,
         )
         return out[0, len(p) :].tolist()
@@ -191,8 +197,12 @@ def test_seeded_sampled_request_is_reproducible_in_any_batch_company(engine):
             GenerationRequest(f"o{i}", prompt(i, 4 + i), SamplingParams(max_tokens=10 + i, temperature=1.0), name)
             for i, name in enumerate([None, "ad0", "ad3", "ad7", None, "ad1"])
         ]
-        results = await asyncio.gather(collect(engine, others[0]), collect(engine, others[1]), collect(engine, req),
-                                       *(collect(engine, o) for o in others[2:]))
+        results = await asyncio.gather(
+            collect(engine, others[0]),
+            collect(engine, others[1]),
+            collect(engine, req),
+            *(collect(engine, o) for o in others[2:]),
+        )
         return results[2]
 
     assert ids(run(crowded())) == ids(alone)
@@ -235,7 +245,8 @@ def test_stop_ends_pending_requests_with_an_error(tiny_dir):
 
 
 @pytest.mark.skipif(
-    not bf16_is_fast(torch.device("cpu")), reason="this CPU has no fast bf16 (no AVX512-BF16 or AMX): emulated, too slow"
+    not bf16_is_fast(torch.device("cpu")),
+    reason="this CPU has no fast bf16 (no AVX512-BF16 or AMX): emulated, too slow",
 )
 def test_bf16_engine_matches_a_bf16_reference(tiny_dir, adapters):
     """Tolerance: bf16 holds ~3 significant digits, and batched vs one-row kernels round differently, so tokens may
@@ -262,7 +273,11 @@ def test_bf16_engine_matches_a_bf16_reference(tiny_dir, adapters):
             model = PeftModel.from_pretrained(model, adapters[name], torch_dtype=torch.bfloat16)
         model = model.to(torch.bfloat16).eval()
         ref = model.generate(
-            input_ids=torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
+            input_ids=torch.tensor([p]),
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=3,
         )[0, len(p) :].tolist()
         assert ids(tokens)[:8] == ref, name
