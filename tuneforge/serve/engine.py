@@ -126,6 +126,7 @@ class TransformersEngine:
         max_lora_bytes: int = DEFAULT_MAX_LORA_BYTES,
         max_context: int | None = None,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        lora_strategy: str = "stacked",
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else compute_dtype("auto", self.device)
@@ -144,7 +145,7 @@ class TransformersEngine:
         self.max_prefill_tokens = max_prefill_tokens
         configured: Any = getattr(self.config, "max_position_embeddings", None) or 2048
         self.max_context = int(max_context or configured)
-        self.lora_ctx, self.lora_modules = inject_multi_lora(self.model, max_loras + 1)
+        self.lora_ctx, self.lora_modules = inject_multi_lora(self.model, max_loras + 1, lora_strategy)
         self._shapes = {name: (m.out_features, m.in_features) for name, m in self.lora_modules.items()}
         self.adapters = AdapterRegistry(max_loras, max_lora_bytes)
 

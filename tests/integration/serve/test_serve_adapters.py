@@ -4,6 +4,7 @@ saved format, and the adapters refused with a clear message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -51,23 +52,27 @@ def test_an_adapter_in_use_is_never_evicted(tiny_dir, adapters):
     async def scenario():
         eng.load_adapter("a", adapters["ad0"])
         eng.load_adapter("b", adapters["ad1"])
-        alone_a = ids(await collect(eng, GenerationRequest("x", prompt(2, 5), greedy(400), "a")))
+        alone_a = ids(await collect(eng, GenerationRequest("x", prompt(2, 5), greedy(100), "a")))
         eng.load_adapter("b", adapters["ad1"])  # already loaded: only marked recent, so a is the oldest
-        gen_a = eng.generate(GenerationRequest("ra", prompt(2, 5), greedy(400), "a"))
-        gen_b = eng.generate(GenerationRequest("rb", prompt(3, 5), greedy(60), "b"))
+        # a runs until the context is full (2000+ steps): still running, and pinned, whatever the machine's pace
+        gen_a = eng.generate(GenerationRequest("ra", prompt(2, 5), greedy(100000), "a"))
+        gen_b = eng.generate(GenerationRequest("rb", prompt(3, 5), greedy(20), "b"))
         first = [await anext(gen_a), await anext(gen_b)]
         with pytest.raises(EngineOverloaded, match="in use"):
             eng.load_adapter("c", adapters["ad2"])  # both pinned
         with pytest.raises(EngineError, match="in use"):
             eng.unload_adapter("a")
-        rest_b = [t async for t in gen_b]  # b ends: unpinned; a (older) still runs
+        _ = [t async for t in gen_b]  # b ends: unpinned; a (older) still runs
         eng.load_adapter("c", adapters["ad2"])
         assert eng.stats().adapters.loaded == ("a", "c")
-        rest_a = [t async for t in gen_a]
-        return alone_a, [first[0], *rest_a], rest_b
+        async with contextlib.aclosing(gen_a):
+            out_a = [first[0]]
+            while len(out_a) < 100:
+                out_a.append(await anext(gen_a))
+        return alone_a, out_a
 
     try:
-        alone_a, out_a, _ = run(scenario())
+        alone_a, out_a = run(scenario())
         assert ids(out_a) == alone_a  # loading c beside the running request did not disturb it
     finally:
         eng.stop()

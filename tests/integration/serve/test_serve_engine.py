@@ -43,7 +43,19 @@ def _requests(n: int = 32) -> list[GenerationRequest]:
     ]
 
 
-def test_32_concurrent_mixed_adapter_requests_equal_each_alone(engine):
+@pytest.mark.parametrize("strategy", ["stacked", "gather"])
+def test_32_concurrent_mixed_adapter_requests_equal_each_alone(tiny_dir, adapters, strategy):
+    engine = TransformersEngine(tiny_dir, dtype=torch.float32, max_loras=8, lora_strategy=strategy)
+    for name, folder in adapters.items():
+        engine.load_adapter(name, folder)
+    engine.start()
+    try:
+        _check_32_concurrent(engine)
+    finally:
+        engine.stop()
+
+
+def _check_32_concurrent(engine):
     reqs = _requests()
 
     async def alone():
