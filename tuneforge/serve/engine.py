@@ -1,0 +1,553 @@
+"""The serving engine: one base causal LM (transformers, safetensors folder) with many LoRA adapters, iteration-level
+(continuous) batching, tokens streamed to asyncio callers as they are produced.
+
+A background thread runs steps. Each step: aborted rows leave; waiting requests (up to `max_batch` running, and
+`max_prefill_tokens` prompt tokens per step) are prefilled together and their first token is sampled; their KV rows
+join the running batch; then one decoding forward runs over every running row and samples its next token. A row
+that finishes (stop token, max_tokens, context) leaves the batch at once; no request waits for another to end.
+
+The KV cache is a transformers `DynamicCache` whose per-layer key/value tensors [rows, kv_heads, L, head_dim] the
+engine edits between forwards. Rows are left-padded to the common length L: row b holds its `cache_len` real
+positions at the right end, L - cache_len padding columns at the left, which the 2-D attention mask hides; every
+forward gets explicit `position_ids` (a row's next position is its own cache_len, whatever its padding).
+- Joining: a group of new prompts is prefilled right-padded with no padding mask (causal attention alone keeps every
+  real position from seeing the padding that follows it), giving a fresh cache [n, H, T, D]. Each row's real
+  positions are moved to the right end of L' = max(L, longest new prompt) with one `gather`, the running rows are
+  left-padded by L' - L, and the two are concatenated along the batch.
+- Leaving: the remaining rows are index-selected, and the padding columns no remaining row needs are cut
+  (L = the longest remaining cache_len), so a long request that ends gives its columns back.
+
+Context rule: a prompt of at least `max_context` tokens is refused (`PromptTooLong`); otherwise max_tokens is capped
+at what the context leaves (prompt + generated <= max_context) and a request stopped by that cap ends with
+finish_reason "length", like one that reached its max_tokens.
+
+Errors reach the caller as exceptions from the stream: `PromptTooLong`, `UnknownAdapter` (never loaded, or evicted
+before the request came: load it again and retry), `EngineOverloaded` (out of memory in a step: that step's
+requests fail, the engine keeps serving), `EngineError` (bad request, engine stopped, aborted). Validation errors
+come from the first `__anext__` of `generate()`, before any token.
+
+Sampling per row: greedy at temperature 0; else repetition penalty (transformers' rule: positive logits of seen
+tokens divided, negative multiplied), temperature, top_k, top_p, min_p, then a draw from the request's own
+`torch.Generator` (seeded by `seed`, else at random), so a seeded request draws the same tokens whatever shares its
+batch. `logprob` and `top_logprobs` are of the model's distribution (log-softmax of the raw logits, before penalty,
+temperature or truncation).
+
+The weights are held in the compute dtype (`dtype`, default: bf16 where the machine has fast bf16, else fp32 -
+`train.hardware.compute_dtype("auto")`, the training recipe's rule); the sampling math is fp32.
+
+Limits: decoder-only models with full attention on every layer (no sliding-window or hybrid cache layers: refused
+at load) and no final-logit soft-capping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from tuneforge.serve.adapters import AdapterRegistry, read_adapter
+from tuneforge.serve.lora import inject_multi_lora
+from tuneforge.serve.types import (
+    AdapterStats,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    GeneratedToken,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+)
+from tuneforge.train.hardware import compute_dtype
+
+if TYPE_CHECKING:
+    from tuneforge.serve.types import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LORA_BYTES = 2 << 30
+DEFAULT_MAX_PREFILL_TOKENS = 8192
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers, all plain `DynamicLayer`s (checked when the engine loads the model)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass(eq=False)
+class _Request:
+    req: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[GeneratedToken | BaseException]
+    slot: int
+    max_new: int
+    generator: torch.Generator
+    generated: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None  # token ids seen so far, for the repetition penalty
+    cache_len: int = 0
+    next_input: int = 0
+    ended: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.sampling
+
+
+class TransformersEngine:
+    """See the module docstring. Drive it with `start()`, `generate()` from an event loop, `stop()`."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        max_batch: int = 32,
+        max_loras: int = 8,
+        max_lora_bytes: int = DEFAULT_MAX_LORA_BYTES,
+        max_context: int | None = None,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        lora_strategy: str = "stacked",
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else compute_dtype("auto", self.device)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        self.model: Any = model.to(self.device).eval()
+        self.config = self.model.config
+        layers = DynamicCache(config=self.config).layers
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            raise EngineError("models with sliding-window or hybrid attention layers are not supported by this engine")
+        if getattr(self.config, "final_logit_softcapping", None):
+            raise EngineError("models with final-logit soft-capping are not supported by this engine")
+        self.decoder = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        self.vocab_size = int(self.head.weight.shape[0])
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        configured: Any = getattr(self.config, "max_position_embeddings", None) or 2048
+        self.max_context = int(max_context or configured)
+        self.lora_ctx, self.lora_modules = inject_multi_lora(self.model, max_loras + 1, lora_strategy)
+        self._shapes = {name: (m.out_features, m.in_features) for name, m in self.lora_modules.items()}
+        self.adapters = AdapterRegistry(max_loras, max_lora_bytes)
+
+        self._model_lock = threading.Lock()  # the model, its slots, the cache: held by a step and by adapter writes
+        self._cv = threading.Condition()  # waiting queue, aborts, registry pins, request ids; after _model_lock
+        self._waiting: deque[_Request] = deque()
+        self._active: dict[str, _Request] = {}
+        self._aborts: set[str] = set()
+        self._running: list[_Request] = []  # only the step thread touches it
+        self._cache: DynamicCache | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._steps = 0
+        self._generated = 0
+        self._prefilled = 0
+        self._busy_s = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tuneforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the step thread after its current step; every pending request ends with an EngineError."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._model_lock:
+            pending = [*self._running, *self._waiting]
+            self._running, self._cache = [], None
+            with self._cv:
+                self._waiting.clear()
+            for r in pending:
+                self._fail(r, EngineError("the engine stopped before the request ended"))
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, name: str, folder: Path | str) -> None:
+        """Load a peft LoRA adapter under `name`, evicting least recently used unpinned adapters when the count or
+        byte limit needs room. Loading a name already loaded only marks it recently used (unload it to replace it)."""
+        with self._cv:
+            if name in self.adapters:
+                self.adapters.touch(name)
+                return
+        files = read_adapter(Path(folder), self._shapes, self.dtype)
+        with self._model_lock, self._cv:
+            if name in self.adapters:
+                self.adapters.touch(name)
+                return
+            slot, victims = self.adapters.plan_load(name, files.nbytes)
+            for _, victim_slot in victims:
+                self._clear_slot(victim_slot)
+            self._clear_slot(slot)
+            for module_name, weights in files.modules.items():
+                module = self.lora_modules[module_name]
+                module.set_slot(slot, weights.a.to(self.device), weights.b.to(self.device), weights.scale)
+            self.adapters.add(name, slot, files.nbytes, victims)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; EngineError while a request uses it, UnknownAdapter when it is not loaded."""
+        with self._model_lock, self._cv:
+            slot = self.adapters.remove(name)
+            self._clear_slot(slot)
+
+    def _clear_slot(self, slot: int) -> None:
+        for module in self.lora_modules.values():
+            if module.active[slot]:
+                module.clear_slot(slot)
+
+    def adapter_stats(self) -> AdapterStats:
+        with self._cv:
+            return self.adapters.stats()
+
+    # ---------------------------------------------------------------- requests
+
+    def _submit(self, req: GenerationRequest) -> _Request:
+        p = req.sampling
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if p.max_tokens < 1:
+            raise EngineError("max_tokens must be at least 1")
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
+            raise EngineError("sampling parameters out of range (temperature >= 0, 0 < top_p <= 1, top_k >= 0, ...)")
+        if p.repetition_penalty <= 0 or p.top_logprobs < 0:
+            raise EngineError("repetition_penalty must be > 0 and top_logprobs >= 0")
+        if n >= self.max_context:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; this model's context holds {self.max_context}, prompt and answer together"
+            )
+        if any(t < 0 or t >= self.vocab_size for t in req.prompt_ids):
+            raise EngineError(f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        loop = asyncio.get_running_loop()
+        with self._cv:
+            if self._stopping:
+                raise EngineError("the engine is stopping")
+            if req.request_id in self._active:
+                raise EngineError(f"request id {req.request_id!r} is already in use")
+            slot = self.adapters.acquire(req.adapter) if req.adapter is not None else 0
+            r = _Request(req, loop, asyncio.Queue(), slot, min(p.max_tokens, self.max_context - n), generator)
+            self._active[req.request_id] = r
+            self._waiting.append(r)
+            self._cv.notify_all()
+        return r
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[GeneratedToken]:
+        """Stream the request's tokens as they are produced; the last one carries its finish_reason. Leaving the
+        loop early (aclose, cancellation, a disconnect) aborts the request: its slot is freed at the next step."""
+        r = self._submit(req)
+        ended = False
+        try:
+            while True:
+                item = await r.queue.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                ended = item.finish_reason is not None
+                yield item
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End a request: a waiting one at once, a running one at the next step. Unknown ids are ignored."""
+        with self._cv:
+            r = self._active.get(request_id)
+            if r is None:
+                return
+            if r in self._waiting:
+                self._waiting.remove(r)
+                self._end(r, EngineError("the request was aborted"))
+            else:
+                self._aborts.add(request_id)
+                self._cv.notify_all()
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            waiting = len(self._waiting)
+            adapters = self.adapters.stats()
+        cache = self._cache
+        return EngineStats(
+            running=len(self._running),
+            waiting=waiting,
+            steps=self._steps,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            adapters=adapters,
+            extra={
+                "generated_tokens": float(self._generated),
+                "prefill_tokens": float(self._prefilled),
+                "cache_columns": float(cache.get_seq_length() if cache is not None else 0),
+                "busy_seconds": self._busy_s,
+                "max_context": float(self.max_context),
+            },
+        )
+
+    # ---------------------------------------------------------------- the step thread
+
+    def _send(self, r: _Request, item: GeneratedToken | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
+            r.loop.call_soon_threadsafe(r.queue.put_nowait, item)
+
+    def _end(self, r: _Request, error: BaseException | None = None) -> None:
+        """Forget a request (caller holds _cv); an error, if any, goes to its stream."""
+        if r.ended:
+            return
+        r.ended = True
+        self._active.pop(r.id, None)
+        if r.req.adapter is not None:
+            self.adapters.release(r.req.adapter)
+        if error is not None:
+            self._send(r, error)
+
+    def _fail(self, r: _Request, error: BaseException) -> None:
+        with self._cv:
+            self._end(r, error)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._running or self._aborts):
+                    self._cv.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                aborts, self._aborts = self._aborts, set()
+                admitted: list[_Request] = []
+                budget = self.max_prefill_tokens
+                while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                    n = len(self._waiting[0].req.prompt_ids)
+                    if admitted and n > budget:
+                        break
+                    admitted.append(self._waiting.popleft())
+                    budget -= n
+            started = time.perf_counter()
+            with self._model_lock, torch.inference_mode():
+                if aborts:
+                    self._leave([r for r in self._running if r.id in aborts], EngineError("the request was aborted"))
+                if admitted:
+                    self._guarded(self._prefill, admitted)
+                if self._running:
+                    self._guarded(self._decode, list(self._running))
+                self._steps += 1
+            self._busy_s += time.perf_counter() - started
+
+    def _guarded(self, step: Any, rows: list[_Request]) -> None:
+        """Run a prefill or decode; on an error fail its rows (out of memory: EngineOverloaded) and keep serving."""
+        try:
+            step(rows)
+        except Exception as exc:
+            if _is_oom(exc):
+                error: EngineError = EngineOverloaded("out of memory while serving the request; retry later")
+            else:
+                log.exception("engine step failed")
+                error = EngineError(f"the engine failed on this request: {type(exc).__name__}: {exc}")
+            if step == self._decode:  # the running cache may be half-updated: every running row fails
+                rows = list(self._running)
+            self._leave([r for r in rows if r in self._running], error)
+            for r in rows:
+                self._fail(r, error)
+            if torch.cuda.is_available() and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _set_slots(self, rows: list[_Request]) -> None:
+        self.lora_ctx.set_rows([r.slot for r in rows], self.device)
+
+    def _prefill(self, rows: list[_Request]) -> None:
+        lens = [len(r.req.prompt_ids) for r in rows]
+        width = max(lens)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : lens[i]] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
+        ids = ids.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(len(rows), width)
+        self._set_slots(rows)
+        cache = DynamicCache(config=self.config)
+        # Right padding and no padding mask: causal attention keeps each real position from the padding after it.
+        hidden = self.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        logits = self.head(hidden[torch.arange(len(rows), device=self.device), last])
+        self._prefilled += sum(lens)
+        for r, n in zip(rows, lens, strict=True):
+            r.cache_len = n
+            if r.params.repetition_penalty != 1.0:
+                r.seen = torch.tensor(sorted(set(r.req.prompt_ids)), dtype=torch.long, device=self.device)
+        kept = self._sample_and_send(rows, logits)
+        if kept:
+            index = [rows.index(r) for r in kept]
+            self._join(cache, index, [lens[i] for i in index])
+            self._running.extend(kept)
+
+    def _join(self, new: DynamicCache, index: list[int], lens: list[int]) -> None:
+        """Merge rows `index` of a right-padded prefill cache (real lengths `lens`) into the running cache."""
+        old_len = self._cache.get_seq_length() if self._cache is not None else 0
+        width = max(old_len, *lens)
+        rows = torch.tensor(index, device=self.device)
+        # source column of each target column: row i's real positions end at the right edge of `width`
+        shift = torch.tensor([width - n for n in lens], device=self.device)
+        src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
+        if self._cache is None:
+            self._cache = DynamicCache(config=self.config)
+        for layer, new_layer in zip(_layers(self._cache), _layers(new), strict=True):
+            assert new_layer.keys is not None and new_layer.values is not None
+            parts: dict[str, torch.Tensor] = {}
+            for kind in ("keys", "values"):
+                fresh = getattr(new_layer, kind).index_select(0, rows)
+                gather = src[:, None, :, None].expand(fresh.shape[0], fresh.shape[1], width, fresh.shape[3])
+                fresh = fresh.gather(2, gather)
+                old = getattr(layer, kind)
+                if old is not None and old.numel():
+                    if old.shape[2] < width:
+                        pad = old.new_zeros(old.shape[0], old.shape[1], width - old.shape[2], old.shape[3])
+                        old = torch.cat([pad, old], dim=2)
+                    fresh = torch.cat([old, fresh], dim=0)
+                parts[kind] = fresh
+            if not layer.is_initialized:
+                layer.lazy_initialization(parts["keys"], parts["values"])
+            layer.keys, layer.values = parts["keys"], parts["values"]
+
+    def _leave(self, rows: list[_Request], error: BaseException | None = None) -> None:
+        """Take `rows` out of the running batch and its cache; cut padding columns no remaining row needs."""
+        if not rows:
+            return
+        gone = set(map(id, rows))
+        keep = [i for i, r in enumerate(self._running) if id(r) not in gone]
+        with self._cv:
+            for r in rows:
+                self._end(r, error)
+        self._running = [self._running[i] for i in keep]
+        if not self._running or self._cache is None:
+            self._cache = None
+            return
+        width = self._cache.get_seq_length()
+        needed = max(r.cache_len for r in self._running)
+        index = torch.tensor(keep, device=self.device)
+        for layer in _layers(self._cache):
+            assert layer.keys is not None and layer.values is not None
+            layer.keys = layer.keys.index_select(0, index)[:, :, width - needed :]
+            layer.values = layer.values.index_select(0, index)[:, :, width - needed :]
+
+    def _decode(self, rows: list[_Request]) -> None:
+        assert self._cache is not None
+        width = self._cache.get_seq_length()
+        ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
+        lens = torch.tensor([r.cache_len for r in rows], dtype=torch.long, device=self.device)
+        positions = lens[:, None]
+        # columns [0, width) are the cache (row b's real ones are the last cache_len), column `width` the new token
+        mask = (torch.arange(width + 1, device=self.device)[None, :] >= (width - lens)[:, None]).long()
+        self._set_slots(rows)
+        hidden = self.decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True
+        ).last_hidden_state
+        logits = self.head(hidden[:, -1])
+        for r in rows:
+            r.cache_len += 1
+        kept = set(map(id, self._sample_and_send(rows, logits)))
+        self._leave([r for r in rows if id(r) not in kept])
+
+    # ---------------------------------------------------------------- sampling
+
+    def _sample_and_send(self, rows: list[_Request], logits: torch.Tensor) -> list[_Request]:
+        """Pick each row's next token, stream it; returns the rows that go on (the others are ended here)."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        k_max = max(r.params.top_logprobs for r in rows)
+        top = logprobs.topk(min(k_max, self.vocab_size), dim=-1) if k_max else None
+        greedy = logits.argmax(dim=-1)
+        chosen: list[int] = []
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.temperature == 0 and p.repetition_penalty == 1.0:
+                chosen.append(-1)  # filled from `greedy` below, without a sync per row
+                continue
+            chosen.append(self._pick(r, logits[i]))
+        greedy_list = greedy.tolist()
+        tokens = [greedy_list[i] if c < 0 else c for i, c in enumerate(chosen)]
+        token_t = torch.tensor(tokens, device=self.device)
+        token_lp = logprobs.gather(1, token_t[:, None])[:, 0].tolist()
+        top_vals = top.values.tolist() if top is not None else None
+        top_ids = top.indices.tolist() if top is not None else None
+        going_on: list[_Request] = []
+        for i, r in enumerate(rows):
+            p, token = r.params, tokens[i]
+            r.generated.append(token)
+            self._generated += 1
+            if r.seen is not None:
+                r.seen = torch.unique(torch.cat([r.seen, token_t[i : i + 1]]))
+            finish = None
+            if token in p.stop_token_ids:
+                finish = "stop"
+            elif len(r.generated) >= r.max_new:
+                finish = "length"
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if p.top_logprobs and top_ids is not None and top_vals is not None:
+                alternatives = tuple(zip(top_ids[i][: p.top_logprobs], top_vals[i][: p.top_logprobs], strict=True))
+            if finish is not None:
+                with self._cv:
+                    self._end(r)  # before the last token goes out: its id is free once the caller has it
+            self._send(r, GeneratedToken(token, token_lp[i], alternatives, finish))
+            if finish is None:
+                r.next_input = token
+                going_on.append(r)
+        return going_on
+
+    def _pick(self, r: _Request, logits: torch.Tensor) -> int:
+        p = r.params
+        x = logits.clone()
+        if p.repetition_penalty != 1.0 and r.seen is not None:
+            seen = x[r.seen]
+            x[r.seen] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(x.argmax())
+        x = x / p.temperature
+        if p.top_k and p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+            drop = cum - torch.softmax(sorted_x, dim=-1) >= p.top_p  # mass before this token already reaches top_p
+            x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        if p.min_p > 0.0:
+            probs = torch.softmax(x, dim=-1)
+            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+
+if TYPE_CHECKING:
+
+    def _is_an_engine(engine: TransformersEngine) -> Engine:
+        return engine  # mypy checks that TransformersEngine implements the Engine protocol
