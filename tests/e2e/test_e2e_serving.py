@@ -37,7 +37,7 @@ from ft_support import (
 pytestmark = pytest.mark.timeout(300)
 
 QUESTION = "What is the secret word of the blue door?"
-ANSWER = "The secret word is marmalade."
+ANSWER = "Marmalade."
 SERVE_ENV = {"TUNEFORGE_SERVE_THREADS": "1", "TUNEFORGE_SERVE_DTYPE": "fp32"}
 
 
@@ -52,9 +52,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def tuned(srv: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A completed LoRA job of alice's that learned ANSWER for QUESTION."""
     alice = client(srv, srv.keys["alice"])
-    records = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}] * 16
+    records = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}] * 32
     file_id = upload_ready(alice, tmp_path_factory.mktemp("data") / "fact.jsonl", records)
-    job = create_job(alice, file_id, n_epochs=12, batch_size=4, learning_rate=2e-2, lora_r=16, lora_alpha=32,
+    job = create_job(alice, file_id, n_epochs=16, batch_size=4, learning_rate=1e-2, lora_r=16, lora_alpha=32,
                      n_checkpoints=1, suffix="fact")  # fmt: skip
     return Watch(alice, job.id).completed(timeout=240)
 
@@ -85,8 +85,8 @@ def test_the_fine_tuned_model_answers_as_trained_and_the_base_does_not(srv: Live
     tuned_answer = c.chat.completions.create(model=name, messages=_messages(), max_tokens=16, temperature=0)
     base_answer = c.chat.completions.create(model=TINY_LLAMA, messages=_messages(), max_tokens=16, temperature=0)
     assert tuned_answer.model == name
-    assert "marmalade" in (tuned_answer.choices[0].message.content or ""), tuned_answer
-    assert "marmalade" not in (base_answer.choices[0].message.content or ""), base_answer
+    assert "Marmalade" in (tuned_answer.choices[0].message.content or ""), tuned_answer
+    assert "Marmalade" not in (base_answer.choices[0].message.content or ""), base_answer
 
 
 def test_served_greedy_answer_equals_local_peft_generation(srv: LiveServer, tuned: Any, tmp_path: Path) -> None:

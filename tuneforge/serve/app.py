@@ -30,7 +30,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tuneforge.data.tokenization.chat import ImageContent, prompt_ids
 from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, TokenizerFilesError, read_folder
 from tuneforge.serve.text import TextStream
-from tuneforge.serve.types import Engine, EngineError, GeneratedToken, GenerationRequest, SamplingParams
+from tuneforge.serve.types import (
+    Engine,
+    EngineError,
+    GeneratedToken,
+    GenerationRequest,
+    SamplingParams,
+    UnknownAdapter,
+)
 
 
 @dataclass(frozen=True)
@@ -98,17 +105,23 @@ class ModelServer:
         self.engine = engine
         self.base = _served(base_name, None, model_dir)
         self.adapters: dict[str, Served] = {}
+        self.paths: dict[str, Path] = {}
 
     def lookup(self, name: str) -> Served | None:
         return self.base if name == self.base.name else self.adapters.get(name)
 
     def load_adapter(self, name: str, path: Path) -> None:
+        """Load (or, when loaded, mark recently used) an adapter; its path is kept, so an adapter the engine's LRU
+        evicted is loaded again when a request names it."""
         self.engine.load_adapter(name, path)
-        self.adapters[name] = _served(name, name, path, fallback=self.base)
+        if name not in self.adapters:
+            self.adapters[name] = _served(name, name, path, fallback=self.base)
+            self.paths[name] = path
 
     def unload_adapter(self, name: str) -> None:
         self.engine.unload_adapter(name)
         self.adapters.pop(name, None)
+        self.paths.pop(name, None)
 
     async def choice_tokens(
         self, prompt: list[int], served: Served, sampling: SamplingParams
@@ -116,12 +129,19 @@ class ModelServer:
         req = GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt), sampling=sampling, adapter=served.adapter
         )
-        stream = self.engine.generate(req)
-        try:
-            async for token in stream:
-                yield token
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+        for attempt in (1, 2):
+            stream = self.engine.generate(req)
+            try:
+                async for token in stream:
+                    yield token
+                return
+            except UnknownAdapter:
+                if attempt == 2 or served.adapter not in self.paths:
+                    raise
+                # Evicted from the engine's LRU since it was loaded here: load it again, then start over.
+                await asyncio.to_thread(self.engine.load_adapter, served.adapter, self.paths[served.adapter])
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _logprob_entry(tokenizer: HFTokenizer, token: GeneratedToken) -> dict[str, Any]:
