@@ -82,7 +82,7 @@ def run(client: Any, file_id: str) -> bool:
         print(f"the job ended {job.status}: {getattr(job, 'error', '')}")
         return False
 
-    output = job.output_name or job.x_model_output_name
+    output = getattr(job, "output_name", None) or job.x_model_output_name
     archive = client.fine_tuning.content(ft_id=job.id, checkpoint="adapter").read()
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         names = tar.getnames()
