@@ -81,6 +81,50 @@ DEFAULT_MAX_LORA_BYTES = 2 << 30
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 
 
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys / values are views of buffers with room to grow: a decoding step writes its
+    column in place, where `DynamicLayer.update` concatenates (copies) every past column at every step."""
+
+    ROOM = 64  # free columns after a (re)allocation: a copy of the cache every 64 steps at most
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these [rows, heads, columns, dim] tensors (copied into fresh buffers with room to grow)."""
+        b, h, n, d = keys.shape
+        self._k = keys.new_empty(b, h, n + self.ROOM, d)
+        self._v = values.new_empty(b, h, n + self.ROOM, values.shape[3])
+        self._k[:, :, :n].copy_(keys)
+        self._v[:, :, :n].copy_(values)
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._k is None or self._v is None or self.keys is None or self.values is None:
+            self.set(key_states, value_states)
+        else:
+            n, q = self.keys.shape[2], key_states.shape[2]
+            if n + q > self._k.shape[2]:
+                self.set(self.keys, self.values)
+                assert self._k is not None and self._v is not None
+            self._k[:, :, n : n + q].copy_(key_states)
+            self._v[:, :, n : n + q].copy_(value_states)
+            self.keys, self.values = self._k[:, :, : n + q], self._v[:, :, : n + q]
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+
+def _running_cache(config: Any) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     """The cache's layers, all plain `DynamicLayer`s (checked when the engine loads the model)."""
     return cast(list[DynamicLayer], cache.layers)
@@ -478,7 +522,7 @@ class TransformersEngine:
         shift = torch.tensor([width - n for n in lens], device=self.device)
         src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
         if self._cache is None:
-            self._cache = DynamicCache(config=self.config)
+            self._cache = _running_cache(self.config)
         for layer, new_layer in zip(_layers(self._cache), _layers(new), strict=True):
             assert new_layer.keys is not None and new_layer.values is not None
             parts: dict[str, torch.Tensor] = {}
@@ -493,9 +537,7 @@ class TransformersEngine:
                         old = torch.cat([pad, old], dim=2)
                     fresh = torch.cat([old, fresh], dim=0)
                 parts[kind] = fresh
-            if not layer.is_initialized:
-                layer.lazy_initialization(parts["keys"], parts["values"])
-            layer.keys, layer.values = parts["keys"], parts["values"]
+            cast(_GrowingLayer, layer).set(parts["keys"], parts["values"])
 
     def _leave(self, rows: list[_Request], error: BaseException | None = None) -> None:
         """Take `rows` out of the running batch and its cache; cut padding columns no remaining row needs."""
@@ -515,8 +557,8 @@ class TransformersEngine:
         index = torch.tensor(keep, device=self.device)
         for layer in _layers(self._cache):
             assert layer.keys is not None and layer.values is not None
-            layer.keys = layer.keys.index_select(0, index)[:, :, width - needed :]
-            layer.values = layer.values.index_select(0, index)[:, :, width - needed :]
+            keys = layer.keys[:, :, width - needed :].index_select(0, index)
+            cast(_GrowingLayer, layer).set(keys, layer.values[:, :, width - needed :].index_select(0, index))
 
     def _decode(self, rows: list[_Request]) -> None:
         assert self._cache is not None
