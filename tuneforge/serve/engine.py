@@ -48,10 +48,10 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -75,14 +75,87 @@ if TYPE_CHECKING:
     from tuneforge.serve.types import Engine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_LORA_BYTES = 2 << 30
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 
 
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys / values are views of buffers with room to grow: a decoding step writes its
+    column in place, where `DynamicLayer.update` concatenates (copies) every past column at every step."""
+
+    ROOM = 64  # free columns after a (re)allocation: a copy of the cache every 64 steps at most
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these [rows, heads, columns, dim] tensors (copied into fresh buffers with room to grow)."""
+        b, h, n, d = keys.shape
+        self._k = keys.new_empty(b, h, n + self.ROOM, d)
+        self._v = values.new_empty(b, h, n + self.ROOM, values.shape[3])
+        self._k[:, :, :n].copy_(keys)
+        self._v[:, :, :n].copy_(values)
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._k is None or self._v is None or self.keys is None or self.values is None:
+            self.set(key_states, value_states)
+        else:
+            n, q = self.keys.shape[2], key_states.shape[2]
+            if n + q > self._k.shape[2]:
+                self.set(self.keys, self.values)
+                assert self._k is not None and self._v is not None
+            self._k[:, :, n : n + q].copy_(key_states)
+            self._v[:, :, n : n + q].copy_(value_states)
+            self.keys, self.values = self._k[:, :, : n + q], self._v[:, :, : n + q]
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+
+def _running_cache(config: Any) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     """The cache's layers, all plain `DynamicLayer`s (checked when the engine loads the model)."""
     return cast(list[DynamicLayer], cache.layers)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[GeneratedToken | BaseException], GeneratedToken | BaseException]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def off_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` in a fresh thread that ends with it, and return its result (or raise its error).
+
+    Measured on a 2-core CPU (torch 2.13, GNU OpenMP): once a thread has run a parallel torch op, another thread's
+    forwards (the step thread's) run ~1.5x slower for the life of the process, while a thread that has ended
+    leaves no such trace. The engine's own tensor work outside the step thread (adapter loads) goes through here,
+    and callers should do their heavy torch work the same way (the bench does)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="tuneforge-engine-aside")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return cast(T, box["result"])
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -162,6 +235,8 @@ class TransformersEngine:
         self._generated = 0
         self._prefilled = 0
         self._busy_s = 0.0
+        self._step_ident: int | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Any, GeneratedToken | BaseException]]] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -192,12 +267,16 @@ class TransformersEngine:
 
     def load_adapter(self, name: str, folder: Path | str) -> None:
         """Load a peft LoRA adapter under `name`, evicting least recently used unpinned adapters when the count or
-        byte limit needs room. Loading a name already loaded only marks it recently used (unload it to replace it)."""
+        byte limit needs room. Loading a name already loaded only marks it recently used (unload it to replace it).
+        Blocks for up to one step (slots are written between forwards)."""
         with self._cv:
             if name in self.adapters:
                 self.adapters.touch(name)
                 return
-        files = read_adapter(Path(folder), self._shapes, self.dtype)
+        off_thread(lambda: self._load(name, Path(folder)))
+
+    def _load(self, name: str, folder: Path) -> None:
+        files = read_adapter(folder, self._shapes, self.dtype)
         with self._model_lock, self._cv:
             if name in self.adapters:
                 self.adapters.touch(name)
@@ -213,9 +292,12 @@ class TransformersEngine:
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter; EngineError while a request uses it, UnknownAdapter when it is not loaded."""
-        with self._model_lock, self._cv:
-            slot = self.adapters.remove(name)
-            self._clear_slot(slot)
+
+        def unload() -> None:
+            with self._model_lock, self._cv:
+                self._clear_slot(self.adapters.remove(name))
+
+        off_thread(unload)
 
     def _clear_slot(self, slot: int) -> None:
         for module in self.lora_modules.values():
@@ -318,8 +400,20 @@ class TransformersEngine:
     # ---------------------------------------------------------------- the step thread
 
     def _send(self, r: _Request, item: GeneratedToken | BaseException) -> None:
+        """Hand an item to the request's stream. On the step thread items wait in an outbox that `_flush` hands
+        over with one `call_soon_threadsafe` per event loop (one wake-up per step, not one per token); elsewhere
+        (abort, stop) at once."""
+        if threading.get_ident() == self._step_ident:
+            self._outbox.setdefault(r.loop, []).append((r.queue, item))
+            return
         with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
             r.loop.call_soon_threadsafe(r.queue.put_nowait, item)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _end(self, r: _Request, error: BaseException | None = None) -> None:
         """Forget a request (caller holds _cv); an error, if any, goes to its stream."""
@@ -337,6 +431,13 @@ class TransformersEngine:
             self._end(r, error)
 
     def _loop(self) -> None:
+        self._step_ident = threading.get_ident()
+        try:
+            self._steps_until_stopped()
+        finally:
+            self._step_ident = None
+
+    def _steps_until_stopped(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
@@ -359,9 +460,11 @@ class TransformersEngine:
                     self._leave([r for r in self._running if r.id in aborts], EngineError("the request was aborted"))
                 if admitted:
                     self._guarded(self._prefill, admitted)
+                    self._flush()  # first tokens out before the decode forward
                 if self._running:
                     self._guarded(self._decode, list(self._running))
                 self._steps += 1
+            self._flush()
             self._busy_s += time.perf_counter() - started
 
     def _guarded(self, step: Any, rows: list[_Request]) -> None:
@@ -419,7 +522,7 @@ class TransformersEngine:
         shift = torch.tensor([width - n for n in lens], device=self.device)
         src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
         if self._cache is None:
-            self._cache = DynamicCache(config=self.config)
+            self._cache = _running_cache(self.config)
         for layer, new_layer in zip(_layers(self._cache), _layers(new), strict=True):
             assert new_layer.keys is not None and new_layer.values is not None
             parts: dict[str, torch.Tensor] = {}
@@ -434,9 +537,7 @@ class TransformersEngine:
                         old = torch.cat([pad, old], dim=2)
                     fresh = torch.cat([old, fresh], dim=0)
                 parts[kind] = fresh
-            if not layer.is_initialized:
-                layer.lazy_initialization(parts["keys"], parts["values"])
-            layer.keys, layer.values = parts["keys"], parts["values"]
+            cast(_GrowingLayer, layer).set(parts["keys"], parts["values"])
 
     def _leave(self, rows: list[_Request], error: BaseException | None = None) -> None:
         """Take `rows` out of the running batch and its cache; cut padding columns no remaining row needs."""
@@ -456,8 +557,8 @@ class TransformersEngine:
         index = torch.tensor(keep, device=self.device)
         for layer in _layers(self._cache):
             assert layer.keys is not None and layer.values is not None
-            layer.keys = layer.keys.index_select(0, index)[:, :, width - needed :]
-            layer.values = layer.values.index_select(0, index)[:, :, width - needed :]
+            keys = layer.keys[:, :, width - needed :].index_select(0, index)
+            cast(_GrowingLayer, layer).set(keys, layer.values[:, :, width - needed :].index_select(0, index))
 
     def _decode(self, rows: list[_Request]) -> None:
         assert self._cache is not None

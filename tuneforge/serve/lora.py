@@ -128,7 +128,10 @@ class MultiLoraLinear(nn.Module):
             slot = ctx.single
             if slot == 0 or not self.active[slot]:
                 return y
-            return y + (x @ self.lora_A[slot].t()) @ self.lora_B[slot].t()
+            x2 = x.reshape(-1, self.in_features)
+            h = x2 @ self.lora_A[slot].t()
+            y.view(-1, self.out_features).addmm_(h, self.lora_B[slot].t())  # y += h @ B^T, in place
+            return y
         if ctx.onehot is None or ctx.idx is None or not any(self.active):
             return y
         rows, r = x.shape[0], self.rank
@@ -141,7 +144,8 @@ class MultiLoraLinear(nn.Module):
         a_all, b_all = self.stacks()
         h = (x3 @ a_all.t()).view(rows, x3.shape[1], ctx.slots, r)  # every slot's low-rank projection
         h = h * ctx.onehot.to(h.dtype)[:, None, :, None]  # each row keeps its own slot's
-        return y + (h.view(rows, x3.shape[1], ctx.slots * r) @ b_all).reshape(y.shape)
+        y.view(-1, self.out_features).addmm_(h.view(-1, ctx.slots * r), b_all)  # y += h @ [B_0 ... B_S-1]^T
+        return y
 
 
 def inject_multi_lora(
