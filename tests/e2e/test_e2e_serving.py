@@ -23,6 +23,7 @@ import together
 from e2e_support import LiveServer
 from ft_support import (
     TINY_LLAMA,
+    TINY_QWEN3,
     Watch,
     client,
     create_job,
@@ -152,6 +153,19 @@ def test_train_render_equals_serve_render(srv: LiveServer, tuned: Any) -> None:
     labels = row["labels"]
     first_trained = next(i for i, label in enumerate(labels) if label != -100)
     assert row["input_ids"][:first_trained] == prompt
+
+
+def test_a_full_fine_tune_is_served_as_a_model_of_its_own(srv: LiveServer, tuned: Any) -> None:
+    alice = client(srv, srv.keys["alice"])
+    full = create_job(alice, tuned.training_file, model=TINY_QWEN3, lora=False, n_epochs=1, n_checkpoints=1,
+                      learning_rate=1e-3, suffix="full")  # fmt: skip
+    done = Watch(alice, full.id).completed(timeout=180)
+    out = _openai(srv, srv.keys["alice"]).chat.completions.create(
+        model=done.x_model_output_name, messages=_messages(), max_tokens=4, temperature=0
+    )
+    assert out.model == done.x_model_output_name and out.usage is not None and out.usage.completion_tokens >= 1
+    # It runs in a model server of its own, beside the base model's.
+    assert len({line for line in (srv.home / "logs").iterdir() if line.name.startswith("serve-")}) >= 2
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(srv: LiveServer, tuned: Any) -> None:

@@ -104,7 +104,11 @@ async def _proxy(
     pool = _pool(request)
     folder = await _adapter_folder(request, target)
     try:
-        server = await anyio.to_thread.run_sync(pool.acquire, target.base)
+        settings, catalog = request.app.state.settings, request.app.state.catalog
+        size = await anyio.to_thread.run_sync(
+            service.weights_bytes, request.app.state.blobs, settings.home / "models", catalog, target.base
+        )
+        server = await anyio.to_thread.run_sync(lambda: pool.acquire(target.base, size_hint=size))
     except PoolError as exc:
         raise ServingError(exc.message, exc.status_code) from None
     path = "/v1/chat/completions" if chat else "/v1/completions"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.loading import resolve_model_dir
 from tuneforge.catalog.registry import Catalog
@@ -63,6 +64,19 @@ def resolve(db: Database, catalog: Catalog, *, owner: str, model: str) -> Target
         raise NotFoundError(f"model {job.model!r}, the base of {model!r}, is not in the catalog any more",
                             param="model")  # fmt: skip
     return Target(public_name=model, base=_source(base), adapter_name=served_as, adapter_prefix=weights.prefix)
+
+
+def weights_bytes(blobs: BlobStore, cache_dir: Path, catalog: Catalog, source: ModelSource) -> int | None:
+    """The size of a model's weight files, where it is known without preparing the model (for the pool's memory
+    budget): a fine-tuned output's stored files, or a catalog model's prepared folder."""
+    if source.source_kind == "output":
+        keys = [k for k in blobs.list(source.source) if k.endswith((".safetensors", ".bin"))]
+        return sum(blobs.size(k) for k in keys) or None
+    entry = catalog.find(source.name)
+    folder = model_folder(cache_dir, entry) if entry is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or None
 
 
 def adapter_folder(blobs: BlobStore, cache_dir: Path, target: Target) -> Path:
