@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tuneforge.data.tokenization.chat import ImageContent, prompt_ids
 from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, TokenizerFilesError, read_folder
+from tuneforge.serve import tools as tool_calls
 from tuneforge.serve.text import TextStream
 from tuneforge.serve.types import (
     Engine,
@@ -164,30 +165,49 @@ async def _run_choice(
     sampling: SamplingParams,
     stops: tuple[str, ...],
     on_text: Any = None,
+    *,
+    tools: bool = False,
 ) -> dict[str, Any]:
-    """Generate one choice; `on_text(piece, token)` is awaited for each piece of text as it becomes safe to show.
-    Returns its text, finish reason, token count and logprob entries."""
+    """Generate one choice; `on_text(piece, token)` is awaited for each piece of text as it becomes safe to show
+    (with `tools`, text from a tool-call block on is held until the answer ends: `serve/tools.py`). Returns its text,
+    tool calls, finish reason, token count and logprob entries."""
     text = TextStream(served.tokenizer, stops)
     count = 0
     finish = "length"
     logprobs: list[dict[str, Any]] = []
     special = set(sampling.stop_token_ids)
+    visible = ""  # what TextStream released
+    shown = 0  # how much of it went to on_text
+
+    async def show(upto: int, token: GeneratedToken | None) -> None:
+        nonlocal shown
+        if on_text is not None and upto > shown:
+            await on_text(visible[shown:upto], token)
+            shown = upto
+
     async for token in server.choice_tokens(prompt, served, sampling):
         count += 1
-        piece = text.push(token.token_id, special=token.token_id in special)
+        visible += text.push(token.token_id, special=token.token_id in special)
         logprobs.append(_logprob_entry(served.tokenizer, token))
         if token.finish_reason is not None:
             finish = token.finish_reason
         if text.stopped:
             finish = "stop"
-        if on_text is not None and piece:
-            await on_text(piece, token)
+        await show(tool_calls.may_open(visible) if tools else len(visible), token)
         if text.stopped:
             break
-    rest = text.finish()
-    if on_text is not None and rest:
-        await on_text(rest, None)
-    return {"text": text.text, "finish_reason": finish, "tokens": count, "logprobs": logprobs}
+    visible += text.finish()
+    calls: list[dict[str, Any]] = []
+    content = visible
+    if tools:
+        parsed = tool_calls.parse(visible)
+        calls, content = parsed.calls, parsed.content if parsed.calls else visible
+        if calls:
+            finish = "tool_calls"
+            content = visible[:shown] + content[shown:] if content.startswith(visible[:shown]) else content
+    if on_text is not None and len(content) > shown:
+        await on_text(content[shown:], None)
+    return {"text": content, "tool_calls": calls, "finish_reason": finish, "tokens": count, "logprobs": logprobs}
 
 
 def create_model_app(server: ModelServer) -> FastAPI:
@@ -273,16 +293,19 @@ def create_model_app(server: ModelServer) -> FastAPI:
             return _error(400, f"the chat template cannot render these messages: {exc}", param="messages")
         n = int(body.get("n") or 1)
         stops = _stops(body)
+        use_tools = bool(chat and body.get("tools") and body.get("tool_choice") != "none")
         samplings = [_sampling(body, served, index=i, chat=chat) for i in range(n)]
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": served.name}  # fmt: skip
         if body.get("stream"):
             return StreamingResponse(
-                _stream(server, prompt, served, samplings, stops, meta, chat=chat, body=body),
+                _stream(server, prompt, served, samplings, stops, meta, chat=chat, body=body, tools=use_tools),
                 media_type="text/event-stream",
             )
         try:
-            results = await asyncio.gather(*(_run_choice(server, prompt, served, s, stops) for s in samplings))
+            results = await asyncio.gather(
+                *(_run_choice(server, prompt, served, s, stops, tools=use_tools) for s in samplings)
+            )
         except EngineError as exc:
             return _error(exc.status_code, str(exc))
         answer = _whole(results, prompt, meta, chat=chat, want_logprobs=bool(body.get("logprobs")))
@@ -304,7 +327,10 @@ def _whole(
     for i, r in enumerate(results):
         logprobs = {"content": r["logprobs"]} if want_logprobs else None
         if chat:
-            message = {"role": "assistant", "content": r["text"]}
+            content = r["text"].strip() if r["tool_calls"] else r["text"]
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if r["tool_calls"]:
+                message["tool_calls"] = r["tool_calls"]
             choices.append({"index": i, "message": message, "finish_reason": r["finish_reason"], "logprobs": logprobs})
         else:
             choices.append({"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": logprobs})
@@ -326,6 +352,7 @@ async def _stream(
     *,
     chat: bool,
     body: dict[str, Any],
+    tools: bool = False,
 ) -> AsyncIterator[bytes]:
     """Server-sent events, one per piece of text of any choice, then each choice's finish, usage, `[DONE]`."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -351,7 +378,11 @@ async def _stream(
         async def on_text(piece: str, token: GeneratedToken | None) -> None:
             await queue.put(chunk(index, piece, None, token))
 
-        result = await _run_choice(server, prompt, served, sampling, stops, on_text)
+        result = await _run_choice(server, prompt, served, sampling, stops, on_text, tools=tools)
+        if result["tool_calls"]:
+            delta = {"role": "assistant", "tool_calls": result["tool_calls"]}
+            payload = {**meta, "object": obj, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}
+            await queue.put(b"data: " + json.dumps(payload).encode() + b"\n\n")
         await queue.put(chunk(index, None, result["finish_reason"], None))
         return result
 
