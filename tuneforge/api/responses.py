@@ -39,6 +39,10 @@ _DESCRIPTIONS = {
     409: "The object's state does not allow this now (the message says why and what to do)",
     413: "The request body (or upload) is over the server's limit",
     416: "The byte range is outside the archive",
+    500: "A model server failed to start or to load the model (the message holds the end of its log)",
+    502: "The model server went away during the request",
+    503: "Every model server the memory budget holds is busy, or one did not start in time: retry later",
+    507: "The model is larger than the whole serving memory budget",
 }
 
 

@@ -190,7 +190,16 @@ async def _stream(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/chat/completions", responses=errors(404, 409))
+_SERVED = {
+    200: {
+        "description": "The answer; with `stream`, server-sent events of chunks, then `data: [DONE]`",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    **errors(404, 500, 502, 503, 507),
+}
+
+
+@router.post("/chat/completions", responses=_SERVED)
 async def chat_completions(
     request: Request, body: ChatRequest, principal: PrincipalDep, db: DbDep, catalog: CatalogDep
 ) -> Response:
@@ -201,7 +210,7 @@ async def chat_completions(
     return await _proxy(request, body, target, chat=True, together_logprobs=together_style)
 
 
-@router.post("/completions", responses=errors(404, 409))
+@router.post("/completions", responses=_SERVED)
 async def completions(
     request: Request, body: CompletionRequest, principal: PrincipalDep, db: DbDep, catalog: CatalogDep
 ) -> Response:
