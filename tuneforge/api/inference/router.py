@@ -13,6 +13,7 @@ import anyio
 import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from tuneforge.api.deps import DbDep, PrincipalDep
 from tuneforge.api.errors import error_body
@@ -170,6 +171,18 @@ async def _stream(
         await client.aclose()
         return _relay_error(upstream.status_code, json.loads(content or b"{}"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    done = False
+
+    async def finish() -> None:
+        """Close the upstream stream (the model server then frees the slot) and release the server, once: from the
+        events' end, or from the response's background task when a client left before the events began."""
+        nonlocal done
+        if done:
+            return
+        done = True
+        await upstream.aclose()
+        await client.aclose()
+        pool.release(server)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -183,11 +196,9 @@ async def _stream(
             async for chunk in chunks:
                 yield chunk
         finally:  # a client that went away closes the upstream stream, and the model server frees its slot
-            await upstream.aclose()
-            await client.aclose()
-            pool.release(server)
+            await finish()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(finish))
 
 
 _SERVED = {
