@@ -566,8 +566,7 @@ class TransformersEngine:
         ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
         lens = torch.tensor([r.cache_len for r in rows], dtype=torch.long, device=self.device)
         positions = lens[:, None]
-        # columns [0, width) are the cache (row b's real ones are the last cache_len), column `width` the new token
-        mask = (torch.arange(width + 1, device=self.device)[None, :] >= (width - lens)[:, None]).long()
+        mask = self._decode_mask(width, lens)
         self._set_slots(rows)
         hidden = self.decoder(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True
@@ -578,6 +577,14 @@ class TransformersEngine:
         kept = set(map(id, self._sample_and_send(rows, logits)))
         self._leave([r for r in rows if id(r) not in kept])
 
+    def _decode_mask(self, width: int, lens: torch.Tensor) -> torch.Tensor:
+        """The decoding forward's additive [rows, 1, 1, width + 1] mask in the compute dtype, which transformers
+        hands to attention as is (a 2-D mask costs a 4-D mask build inside every forward): columns [0, width) are
+        the cache (row b's real ones are the last cache_len), column `width` the new token."""
+        pad = torch.arange(width + 1, device=self.device)[None, :] < (width - lens)[:, None]
+        mask = torch.zeros(lens.shape[0], 1, 1, width + 1, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(pad[:, None, None, :], float("-inf"))
+
     # ---------------------------------------------------------------- sampling
 
     def _sample_and_send(self, rows: list[_Request], logits: torch.Tensor) -> list[_Request]:
@@ -586,7 +593,7 @@ class TransformersEngine:
         logprobs = torch.log_softmax(logits, dim=-1)
         k_max = max(r.params.top_logprobs for r in rows)
         top = logprobs.topk(min(k_max, self.vocab_size), dim=-1) if k_max else None
-        greedy = logits.argmax(dim=-1)
+        greedy = logits.max(dim=-1).indices  # argmax (first maximum), ~2.5x faster on CPU than `argmax`
         chosen: list[int] = []
         for i, r in enumerate(rows):
             p = r.params
