@@ -155,6 +155,21 @@ def test_train_render_equals_serve_render(srv: LiveServer, tuned: Any) -> None:
     assert row["input_ids"][:first_trained] == prompt
 
 
+def test_response_format_json_schema_gives_json_that_matches(srv: LiveServer, tuned: Any) -> None:
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}  # fmt: skip
+    out = _openai(srv, srv.keys["alice"]).chat.completions.create(
+        model=tuned.x_model_output_name, messages=_messages(), max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}},
+    )  # fmt: skip
+    assert json.loads(out.choices[0].message.content or "") in ({"answer": "yes"}, {"answer": "no"})
+    assert out.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        _openai(srv, srv.keys["alice"]).chat.completions.create(
+            model=TINY_LLAMA, messages=_messages(), max_tokens=4, response_format={"type": "json_schema"}
+        )
+
+
 def test_a_full_fine_tune_is_served_as_a_model_of_its_own(srv: LiveServer, tuned: Any) -> None:
     alice = client(srv, srv.keys["alice"])
     full = create_job(alice, tuned.training_file, model=TINY_QWEN3, lora=False, n_epochs=1, n_checkpoints=1,

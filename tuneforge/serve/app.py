@@ -91,7 +91,21 @@ def _sampling(body: dict[str, Any], served: Served, *, index: int, chat: bool) -
         seed=None if seed is None else int(seed) + index,
         top_logprobs=top,
         stop_token_ids=served.stop_ids,
+        json_schema=_json_schema(body.get("response_format")) if chat else None,
     )
+
+
+def _json_schema(response_format: Any) -> str | None:
+    """The JSON Schema an answer must match: any JSON object for `json_object`, the given one for `json_schema`."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        return json.dumps(spec.get("schema") or {"type": "object"})
+    return None
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:

@@ -59,6 +59,7 @@ from transformers.cache_utils import DynamicLayer
 
 from tuneforge.serve.adapters import AdapterRegistry, read_adapter
 from tuneforge.serve.lora import inject_multi_lora
+from tuneforge.serve.structured import Grammars, mask_rows
 from tuneforge.serve.types import (
     AdapterStats,
     EngineError,
@@ -175,6 +176,7 @@ class _Request:
     cache_len: int = 0
     next_input: int = 0
     ended: bool = False
+    matcher: Any = None  # an llguidance matcher when the answer must match a JSON schema (serve/structured.py)
 
     @property
     def id(self) -> str:
@@ -221,6 +223,7 @@ class TransformersEngine:
         self.lora_ctx, self.lora_modules = inject_multi_lora(self.model, max_loras + 1, lora_strategy)
         self._shapes = {name: (m.out_features, m.in_features) for name, m in self.lora_modules.items()}
         self.adapters = AdapterRegistry(max_loras, max_lora_bytes)
+        self.grammars = Grammars(Path(model_dir), self.vocab_size)
 
         self._model_lock = threading.Lock()  # the model, its slots, the cache: held by a step and by adapter writes
         self._cv = threading.Condition()  # waiting queue, aborts, registry pins, request ids; after _model_lock
@@ -327,6 +330,7 @@ class TransformersEngine:
             )
         if any(t < 0 or t >= self.vocab_size for t in req.prompt_ids):
             raise EngineError(f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        matcher = self.grammars.matcher(p.json_schema) if p.json_schema is not None else None
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         loop = asyncio.get_running_loop()
@@ -337,6 +341,7 @@ class TransformersEngine:
                 raise EngineError(f"request id {req.request_id!r} is already in use")
             slot = self.adapters.acquire(req.adapter) if req.adapter is not None else 0
             r = _Request(req, loop, asyncio.Queue(), slot, min(p.max_tokens, self.max_context - n), generator)
+            r.matcher = matcher
             self._active[req.request_id] = r
             self._waiting.append(r)
             self._cv.notify_all()
@@ -590,6 +595,9 @@ class TransformersEngine:
     def _sample_and_send(self, rows: list[_Request], logits: torch.Tensor) -> list[_Request]:
         """Pick each row's next token, stream it; returns the rows that go on (the others are ended here)."""
         logits = logits.float()
+        constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            mask_rows(logits, constrained)
         logprobs = torch.log_softmax(logits, dim=-1)
         k_max = max(r.params.top_logprobs for r in rows)
         top = logprobs.topk(min(k_max, self.vocab_size), dim=-1) if k_max else None
@@ -615,7 +623,9 @@ class TransformersEngine:
             if r.seen is not None:
                 r.seen = torch.unique(torch.cat([r.seen, token_t[i : i + 1]]))
             finish = None
-            if token in p.stop_token_ids:
+            if r.matcher is not None:
+                r.matcher.consume_token(token)
+            if token in p.stop_token_ids or (r.matcher is not None and r.matcher.is_stopped()):
                 finish = "stop"
             elif len(r.generated) >= r.max_new:
                 finish = "length"

@@ -26,6 +26,8 @@ class SamplingParams:
     top_logprobs: int = 0
     # Token ids that end the request (the tokenizer's end-of-turn / eos ids); the stop token itself is reported.
     stop_token_ids: tuple[int, ...] = ()
+    # A JSON Schema (as text) the answer must match (`response_format`); the request ends once it is complete.
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)

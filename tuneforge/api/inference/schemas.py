@@ -99,8 +99,13 @@ class ChatRequest(Sampling):
 
     @model_validator(mode="after")
     def _chat(self) -> Self:
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format: only {'type': 'text'} is supported (no constrained decoding yet)")
+        if self.response_format:
+            kind = self.response_format.get("type")
+            if kind not in (None, "text", "json_object", "json_schema"):
+                raise ValueError(f"response_format: unknown type {kind!r} (text, json_object or json_schema)")
+            spec = self.response_format.get("json_schema")
+            if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+                raise ValueError("response_format: json_schema needs {'name', 'schema': {...}}")
         if self.tool_choice not in (None, "auto", "none"):
             raise ValueError("tool_choice: only 'auto' and 'none' are supported (no forced tool calls yet)")
         return self
