@@ -22,6 +22,7 @@ from tuneforge.api.inference import service, wire
 from tuneforge.api.inference.schemas import ChatRequest, CompletionRequest, Sampling
 from tuneforge.api.responses import errors
 from tuneforge.api.routing import api_router
+from tuneforge.catalog.source import ModelSource
 from tuneforge.errors import InvalidRequestError, TuneForgeError
 from tuneforge.serve.adapter_check import AdapterRefused, check_adapter
 from tuneforge.serve.pool import ModelProcess, ModelServerPool, PoolError
@@ -53,21 +54,46 @@ def _model_body(body: Sampling, target: service.Target, extra: dict[str, Any]) -
     return out
 
 
+def _cache(request: Request) -> service.ProxyCache:
+    cache: service.ProxyCache = request.app.state.proxy_cache
+    return cache
+
+
 async def _adapter_folder(request: Request, target: service.Target) -> Path | None:
     """The adapter's local folder (downloaded once), checked for what no backend serves (`serve/adapter_check.py`)
-    before any model server is started or asked to load it."""
-    if target.adapter_name is None:
+    before any model server is started or asked to load it. A folder that passed is kept (its prefix's files never
+    change); a refused one is checked, and refused, again on every request."""
+    if target.adapter_name is None or target.adapter_prefix is None:
         return None
     settings = request.app.state.settings
+    max_rank = settings.vllm_max_lora_rank if settings.serve_backend == "vllm" else None
+    key = (target.adapter_name, target.adapter_prefix, max_rank)
+    cached = _cache(request).adapter_folders.get(key)
+    if cached is not None:
+        return cached
     folder: Path = await anyio.to_thread.run_sync(
         service.adapter_folder, request.app.state.blobs, settings.home / "models", target
     )
-    max_rank = settings.vllm_max_lora_rank if settings.serve_backend == "vllm" else None
     try:
         await anyio.to_thread.run_sync(lambda: check_adapter(folder, max_rank=max_rank))
     except AdapterRefused as exc:
         raise InvalidRequestError(f"fine-tuned model {target.public_name}: {exc}", param="model") from None
+    _cache(request).adapter_folders.put(key, folder)
     return folder
+
+
+async def _weights_bytes(request: Request, source: ModelSource) -> int | None:
+    """The model's weight size for the pool's memory budget (`service.weights_bytes`), kept once known."""
+    sizes = _cache(request).weight_sizes
+    size = sizes.get(source)
+    if size is None:
+        settings, catalog = request.app.state.settings, request.app.state.catalog
+        size = await anyio.to_thread.run_sync(
+            service.weights_bytes, request.app.state.blobs, settings.home / "models", catalog, source
+        )
+        if size is not None:
+            sizes.put(source, size)
+    return size
 
 
 async def _ensure_adapter(server: ModelProcess, target: service.Target, folder: Path | None) -> None:
@@ -104,11 +130,8 @@ async def _proxy(
 ) -> Response:
     pool = _pool(request)
     folder = await _adapter_folder(request, target)
+    size = await _weights_bytes(request, target.base)
     try:
-        settings, catalog = request.app.state.settings, request.app.state.catalog
-        size = await anyio.to_thread.run_sync(
-            service.weights_bytes, request.app.state.blobs, settings.home / "models", catalog, target.base
-        )
         server = await anyio.to_thread.run_sync(lambda: pool.acquire(target.base, size_hint=size))
     except PoolError as exc:
         raise ServingError(exc.message, exc.status_code) from None
