@@ -96,19 +96,33 @@ async def _weights_bytes(request: Request, source: ModelSource) -> int | None:
     return size
 
 
-async def _ensure_adapter(server: ModelProcess, target: service.Target, folder: Path | None) -> None:
-    if target.adapter_name is None or folder is None:
-        return
-    async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
-        r = await client.post(
-            f"{server.url}/v1/load_lora_adapter", json={"lora_name": target.adapter_name, "lora_path": str(folder)}
-        )
-    if r.status_code == 200:
-        return
-    message = _upstream_message(r)
-    if r.status_code == 400 and "already been loaded" in message:  # vLLM's answer to loading a name again
-        return
-    raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+async def _ensure_adapter(server: ModelProcess, target: service.Target, folder: Path | None) -> bool:
+    """Have the model server load the adapter, unless it already answered a load of it; whether it was asked now."""
+    name = target.adapter_name
+    if name is None or folder is None or name in server.adapters:
+        return False
+    async with server.adapter_lock:
+        if name in server.adapters:  # a concurrent request loaded it while this one waited
+            return False
+        async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+            r = await client.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name,
+                                                                               "lora_path": str(folder)})  # fmt: skip
+        if r.status_code != 200:
+            message = _upstream_message(r)
+            if not (r.status_code == 400 and "already been loaded" in message):  # vLLM's answer to a repeat
+                raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+        server.adapters.add(name)
+    return True
+
+
+class _AdapterGone(Exception):
+    """The model server answered 404 for an adapter it had loaded (unloaded there since): load it again, once."""
+
+
+def _gone(server: ModelProcess, target: service.Target, status: int, recheck: bool) -> None:
+    if recheck and status == 404 and target.adapter_name is not None:
+        server.adapters.discard(target.adapter_name)
+        raise _AdapterGone
 
 
 def _upstream_message(r: httpx.Response) -> str:
@@ -147,17 +161,14 @@ async def _proxy(
         payload["stream_options"] = {"include_usage": True}
     streaming = False
     try:
-        await _ensure_adapter(server, target, folder)
-        if not body.stream:
-            async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
-                r = await client.post(f"{server.url}{path}", json=payload)
-            answer = r.json()
-            if r.status_code != 200:
-                return _relay_error(r.status_code, answer)
-            return JSONResponse(wire.whole(answer, model=target.public_name, chat=chat,
-                                           together_logprobs=together_logprobs))  # fmt: skip
-        response = await _stream(pool, server, path, payload, body, target, chat=chat,
-                                 together_logprobs=together_logprobs)  # fmt: skip
+        loaded_now = await _ensure_adapter(server, target, folder)
+        try:
+            response = await _answer(pool, server, path, payload, body, target, chat=chat,
+                                     together_logprobs=together_logprobs, recheck=not loaded_now)  # fmt: skip
+        except _AdapterGone:
+            await _ensure_adapter(server, target, folder)
+            response = await _answer(pool, server, path, payload, body, target, chat=chat,
+                                     together_logprobs=together_logprobs, recheck=False)  # fmt: skip
         streaming = isinstance(response, StreamingResponse)
         return response
     except httpx.HTTPError as exc:
@@ -165,6 +176,32 @@ async def _proxy(
     finally:
         if not streaming:  # a stream releases its server when it ends
             pool.release(server)
+
+
+async def _answer(
+    pool: ModelServerPool,
+    server: ModelProcess,
+    path: str,
+    payload: dict[str, Any],
+    body: Sampling,
+    target: service.Target,
+    *,
+    chat: bool,
+    together_logprobs: bool,
+    recheck: bool,
+) -> Response:
+    """The model server's answer, whole or streamed; `recheck`: a 404 raises _AdapterGone (the adapter was not loaded
+    for this request, as the server had loaded it before)."""
+    if body.stream:
+        return await _stream(pool, server, path, payload, body, target, chat=chat,
+                             together_logprobs=together_logprobs, recheck=recheck)  # fmt: skip
+    async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+        r = await client.post(f"{server.url}{path}", json=payload)
+    answer = r.json()
+    if r.status_code != 200:
+        _gone(server, target, r.status_code, recheck)
+        return _relay_error(r.status_code, answer)
+    return JSONResponse(wire.whole(answer, model=target.public_name, chat=chat, together_logprobs=together_logprobs))
 
 
 def _relay_error(status: int, answer: Any) -> Response:
@@ -185,6 +222,7 @@ async def _stream(
     *,
     chat: bool,
     together_logprobs: bool,
+    recheck: bool,
 ) -> Response:
     client = httpx.AsyncClient(timeout=_TIMEOUT)
     upstream = await client.send(client.build_request("POST", f"{server.url}{path}", json=payload), stream=True)
@@ -192,6 +230,7 @@ async def _stream(
         content = await upstream.aread()
         await upstream.aclose()
         await client.aclose()
+        _gone(server, target, upstream.status_code, recheck)
         return _relay_error(upstream.status_code, json.loads(content or b"{}"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     done = False
