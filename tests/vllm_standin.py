@@ -8,6 +8,8 @@ Started the way tuneforge starts vLLM (`TUNEFORGE_VLLM_COMMAND="<python> .../vll
   it also exits 2 when a flag tuneforge must pass is missing (--host, --port, --served-model-name, --enable-lora);
 - writes what it was given (argv, environment names, the values of VLLM_* and CUDA_VISIBLE_DEVICES) as JSON to
   the file `VLLM_STANDIN_RECORD` names, before anything else can fail;
+- appends one JSON line per `/v1/load_lora_adapter` request it receives (its pid, lora_name, lora_path), whatever
+  the answer, to the file `VLLM_STANDIN_LOADS` names;
 - serves `/health`, `/v1/models`, `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (only when
   VLLM_ALLOW_RUNTIME_LORA_UPDATING is true: otherwise vLLM does not add these routes, and they are 404s), and
   `/v1/chat/completions`, `/v1/completions`, streamed or not, in vLLM's shapes: a chat stream's first chunk
@@ -42,6 +44,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 REFUSED = ("lm_head", "embed_tokens")
 RECORD_ENV = "VLLM_STANDIN_RECORD"
+LOADS_ENV = "VLLM_STANDIN_LOADS"
 MAX_MODEL_LEN = 2048
 
 
@@ -78,6 +81,14 @@ def record(args_ok: bool) -> None:
     shown = {k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k == "CUDA_VISIBLE_DEVICES"}
     data = {"argv": sys.argv, "env_keys": sorted(os.environ), "env": shown, "args_ok": args_ok, "pid": os.getpid()}
     Path(path).write_text(json.dumps(data, indent=2))
+
+
+def record_load(body: dict[str, Any]) -> None:
+    path = os.environ.get(LOADS_ENV)
+    if path:
+        with open(path, "a") as fh:
+            line = {"pid": os.getpid(), "lora_name": body.get("lora_name"), "lora_path": body.get("lora_path")}
+            fh.write(json.dumps(line) + "\n")
 
 
 def fail(message: str) -> None:
@@ -201,6 +212,7 @@ def main() -> None:
         @app.post("/v1/load_lora_adapter")
         async def load_lora_adapter(request: Request) -> Response:
             body = await request.json()
+            record_load(body)
             name, path = body.get("lora_name"), body.get("lora_path")
             if not name or not path:
                 return error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")

@@ -20,6 +20,7 @@ from tuneforge.api.files.service import sweep_stale_uploads, sweep_while_serving
 from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.identity import router as identity
 from tuneforge.api.inference import router as inference
+from tuneforge.api.inference.service import ProxyCache
 from tuneforge.api.models import router as models
 from tuneforge.api.responses import complete_schema
 from tuneforge.catalog import background
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.catalog = Catalog(blobs)
     app.state.processor = FileProcessor(db, blobs, settings)
     app.state.pool = ModelServerPool(settings)
+    app.state.proxy_cache = ProxyCache()
     app.state.worker = (
         Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
         if settings.run_worker

@@ -10,6 +10,7 @@ server's thread setting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -51,6 +52,11 @@ class ModelProcess:
     active: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
     failed: str | None = None
+    # The LoRA adapter names this process answered a load of (kept by the API's proxy, on its event loop): a request
+    # for one of them is sent without loading it again. A replacement process starts with none, so loads them anew.
+    adapters: set[str] = field(default_factory=set)
+    # Held while loading an adapter not yet in `adapters`, so that concurrent first requests load it once.
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def url(self) -> str:

@@ -22,6 +22,7 @@ from tuneforge.api.inference import service, wire
 from tuneforge.api.inference.schemas import ChatRequest, CompletionRequest, Sampling
 from tuneforge.api.responses import errors
 from tuneforge.api.routing import api_router
+from tuneforge.catalog.source import ModelSource
 from tuneforge.errors import InvalidRequestError, TuneForgeError
 from tuneforge.serve.adapter_check import AdapterRefused, check_adapter
 from tuneforge.serve.pool import ModelProcess, ModelServerPool, PoolError
@@ -53,36 +54,75 @@ def _model_body(body: Sampling, target: service.Target, extra: dict[str, Any]) -
     return out
 
 
+def _cache(request: Request) -> service.ProxyCache:
+    cache: service.ProxyCache = request.app.state.proxy_cache
+    return cache
+
+
 async def _adapter_folder(request: Request, target: service.Target) -> Path | None:
     """The adapter's local folder (downloaded once), checked for what no backend serves (`serve/adapter_check.py`)
-    before any model server is started or asked to load it."""
-    if target.adapter_name is None:
+    before any model server is started or asked to load it. A folder that passed is kept (its prefix's files never
+    change); a refused one is checked, and refused, again on every request."""
+    if target.adapter_name is None or target.adapter_prefix is None:
         return None
     settings = request.app.state.settings
+    max_rank = settings.vllm_max_lora_rank if settings.serve_backend == "vllm" else None
+    key = (target.adapter_name, target.adapter_prefix, max_rank)
+    cached = _cache(request).adapter_folders.get(key)
+    if cached is not None:
+        return cached
     folder: Path = await anyio.to_thread.run_sync(
         service.adapter_folder, request.app.state.blobs, settings.home / "models", target
     )
-    max_rank = settings.vllm_max_lora_rank if settings.serve_backend == "vllm" else None
     try:
         await anyio.to_thread.run_sync(lambda: check_adapter(folder, max_rank=max_rank))
     except AdapterRefused as exc:
         raise InvalidRequestError(f"fine-tuned model {target.public_name}: {exc}", param="model") from None
+    _cache(request).adapter_folders.put(key, folder)
     return folder
 
 
-async def _ensure_adapter(server: ModelProcess, target: service.Target, folder: Path | None) -> None:
-    if target.adapter_name is None or folder is None:
-        return
-    async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
-        r = await client.post(
-            f"{server.url}/v1/load_lora_adapter", json={"lora_name": target.adapter_name, "lora_path": str(folder)}
+async def _weights_bytes(request: Request, source: ModelSource) -> int | None:
+    """The model's weight size for the pool's memory budget (`service.weights_bytes`), kept once known."""
+    sizes = _cache(request).weight_sizes
+    size = sizes.get(source)
+    if size is None:
+        settings, catalog = request.app.state.settings, request.app.state.catalog
+        size = await anyio.to_thread.run_sync(
+            service.weights_bytes, request.app.state.blobs, settings.home / "models", catalog, source
         )
-    if r.status_code == 200:
-        return
-    message = _upstream_message(r)
-    if r.status_code == 400 and "already been loaded" in message:  # vLLM's answer to loading a name again
-        return
-    raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+        if size is not None:
+            sizes.put(source, size)
+    return size
+
+
+async def _ensure_adapter(server: ModelProcess, target: service.Target, folder: Path | None) -> bool:
+    """Have the model server load the adapter, unless it already answered a load of it; whether it was asked now."""
+    name = target.adapter_name
+    if name is None or folder is None or name in server.adapters:
+        return False
+    async with server.adapter_lock:
+        if name in server.adapters:  # a concurrent request loaded it while this one waited
+            return False
+        async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+            r = await client.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name,
+                                                                               "lora_path": str(folder)})  # fmt: skip
+        if r.status_code != 200:
+            message = _upstream_message(r)
+            if not (r.status_code == 400 and "already been loaded" in message):  # vLLM's answer to a repeat
+                raise ServingError(f"fine-tuned model {target.public_name} cannot be loaded: {message}", 500)
+        server.adapters.add(name)
+    return True
+
+
+class _AdapterGone(Exception):
+    """The model server answered 404 for an adapter it had loaded (unloaded there since): load it again, once."""
+
+
+def _gone(server: ModelProcess, target: service.Target, status: int, recheck: bool) -> None:
+    if recheck and status == 404 and target.adapter_name is not None:
+        server.adapters.discard(target.adapter_name)
+        raise _AdapterGone
 
 
 def _upstream_message(r: httpx.Response) -> str:
@@ -104,11 +144,8 @@ async def _proxy(
 ) -> Response:
     pool = _pool(request)
     folder = await _adapter_folder(request, target)
+    size = await _weights_bytes(request, target.base)
     try:
-        settings, catalog = request.app.state.settings, request.app.state.catalog
-        size = await anyio.to_thread.run_sync(
-            service.weights_bytes, request.app.state.blobs, settings.home / "models", catalog, target.base
-        )
         server = await anyio.to_thread.run_sync(lambda: pool.acquire(target.base, size_hint=size))
     except PoolError as exc:
         raise ServingError(exc.message, exc.status_code) from None
@@ -124,17 +161,14 @@ async def _proxy(
         payload["stream_options"] = {"include_usage": True}
     streaming = False
     try:
-        await _ensure_adapter(server, target, folder)
-        if not body.stream:
-            async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
-                r = await client.post(f"{server.url}{path}", json=payload)
-            answer = r.json()
-            if r.status_code != 200:
-                return _relay_error(r.status_code, answer)
-            return JSONResponse(wire.whole(answer, model=target.public_name, chat=chat,
-                                           together_logprobs=together_logprobs))  # fmt: skip
-        response = await _stream(pool, server, path, payload, body, target, chat=chat,
-                                 together_logprobs=together_logprobs)  # fmt: skip
+        loaded_now = await _ensure_adapter(server, target, folder)
+        try:
+            response = await _answer(pool, server, path, payload, body, target, chat=chat,
+                                     together_logprobs=together_logprobs, recheck=not loaded_now)  # fmt: skip
+        except _AdapterGone:
+            await _ensure_adapter(server, target, folder)
+            response = await _answer(pool, server, path, payload, body, target, chat=chat,
+                                     together_logprobs=together_logprobs, recheck=False)  # fmt: skip
         streaming = isinstance(response, StreamingResponse)
         return response
     except httpx.HTTPError as exc:
@@ -142,6 +176,32 @@ async def _proxy(
     finally:
         if not streaming:  # a stream releases its server when it ends
             pool.release(server)
+
+
+async def _answer(
+    pool: ModelServerPool,
+    server: ModelProcess,
+    path: str,
+    payload: dict[str, Any],
+    body: Sampling,
+    target: service.Target,
+    *,
+    chat: bool,
+    together_logprobs: bool,
+    recheck: bool,
+) -> Response:
+    """The model server's answer, whole or streamed; `recheck`: a 404 raises _AdapterGone (the adapter was not loaded
+    for this request, as the server had loaded it before)."""
+    if body.stream:
+        return await _stream(pool, server, path, payload, body, target, chat=chat,
+                             together_logprobs=together_logprobs, recheck=recheck)  # fmt: skip
+    async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+        r = await client.post(f"{server.url}{path}", json=payload)
+    answer = r.json()
+    if r.status_code != 200:
+        _gone(server, target, r.status_code, recheck)
+        return _relay_error(r.status_code, answer)
+    return JSONResponse(wire.whole(answer, model=target.public_name, chat=chat, together_logprobs=together_logprobs))
 
 
 def _relay_error(status: int, answer: Any) -> Response:
@@ -162,6 +222,7 @@ async def _stream(
     *,
     chat: bool,
     together_logprobs: bool,
+    recheck: bool,
 ) -> Response:
     client = httpx.AsyncClient(timeout=_TIMEOUT)
     upstream = await client.send(client.build_request("POST", f"{server.url}{path}", json=payload), stream=True)
@@ -169,6 +230,7 @@ async def _stream(
         content = await upstream.aread()
         await upstream.aclose()
         await client.aclose()
+        _gone(server, target, upstream.status_code, recheck)
         return _relay_error(upstream.status_code, json.loads(content or b"{}"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     done = False

@@ -4,12 +4,18 @@ A catalog model is served by the pool's model server of that model. A LoRA outpu
 or id, or `ft-…:STEP` for an intermediate checkpoint) is an adapter on its base model's server, loaded there on
 first use under the output's name. A full fine-tune is a model of its own. Only the caller's outputs are found:
 another owner's are "not found", as everywhere.
+
+`resolve` reads the database on every request (ownership, deletion); what follows from an immutable prefix or source
+(an adapter's checked local folder, a model's weight size) is worked out once and kept in the app's `ProxyCache`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
@@ -21,6 +27,13 @@ from tuneforge.jobs import references
 from tuneforge.storage import BlobStore
 from tuneforge.store import Database
 from tuneforge.store import jobs as jobs_repo
+
+# How many entries each of the proxy's caches keeps: far more adapters and models than are served at once, and a few
+# hundred KiB at most.
+CACHE_ENTRIES = 4096
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -84,3 +97,45 @@ def adapter_folder(blobs: BlobStore, cache_dir: Path, target: Target) -> Path:
     assert target.adapter_prefix is not None and target.adapter_name is not None
     source = ModelSource(name=target.adapter_name, source_kind="output", source=target.adapter_prefix)
     return resolve_model_dir(source, cache_dir, blobs=blobs)
+
+
+class Lru(Generic[K, V]):
+    """A small thread-safe map that forgets its least recently used entry beyond `limit` entries."""
+
+    def __init__(self, limit: int = CACHE_ENTRIES) -> None:
+        self._limit = limit
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._limit:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+# An adapter's checked folder is found by what it is made from: its served name, its stored prefix (immutable once
+# written: a completed job's output, an intermediate checkpoint's own `step-N` prefix) and the largest rank allowed.
+AdapterKey = tuple[str, str, int | None]
+
+
+@dataclass(frozen=True)
+class ProxyCache:
+    """What the chat proxy works out once instead of on every request: an adapter's local folder once it passed
+    `check_adapter` (a refused one is not kept, so it is checked, and refused, again), and a model's known weight
+    size (an unknown size is not kept, so it is looked for again)."""
+
+    adapter_folders: Lru[AdapterKey, Path] = field(default_factory=Lru)
+    weight_sizes: Lru[ModelSource, int] = field(default_factory=Lru)
