@@ -18,6 +18,7 @@ from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
 from tuneforge.api.files.service import sweep_stale_uploads, sweep_while_serving
 from tuneforge.api.fine_tunes import router as fine_tunes
+from tuneforge.api.hardware import router as hardware
 from tuneforge.api.identity import router as identity
 from tuneforge.api.inference import router as inference
 from tuneforge.api.inference.service import ProxyCache
@@ -27,6 +28,7 @@ from tuneforge.catalog import background
 from tuneforge.catalog.registry import Catalog
 from tuneforge.jobs.executors.registry import make_executor
 from tuneforge.jobs.worker import Worker
+from tuneforge.serve import hardware as host_hardware
 from tuneforge.serve.pool import ModelServerPool
 from tuneforge.settings import Settings
 from tuneforge.storage import open_blob_store
@@ -88,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.processor = FileProcessor(db, blobs, settings)
     app.state.pool = ModelServerPool(settings)
     app.state.proxy_cache = ProxyCache()
+    app.state.hardware = host_hardware.probe  # probed on first use, once per process
     app.state.worker = (
         Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
         if settings.run_worker
@@ -103,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     v1.include_router(fine_tunes.downloads)
     v1.include_router(models.router)
     v1.include_router(inference.router)
+    v1.include_router(hardware.router)
     app.include_router(v1)
     app.include_router(identity.router_v3, prefix="/v3")
     app.include_router(files.uploads)

@@ -1,0 +1,104 @@
+"""`GET /hardware[?model=]` and `GET /clusters/availability-zones` (api-contract 5.1, 5.2).
+
+The options are this host's (`serve/hardware.py`: the CPU, and its GPUs by type and count), probed once per process;
+`app.state.hardware` is the function that lists them (tests put another there). With `?model=`, each option says
+whether that model's model server fits it: the need is the pool's own estimate (`serve.pool.estimate_memory`) of
+the weights `?model=` names (`inference.service.resolve`, so another owner's model is "not found", as everywhere).
+This server is one zone, "local".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated
+
+import anyio
+from fastapi import Query, Request
+
+from tuneforge.api.deps import DbDep, PrincipalDep, SettingsDep
+from tuneforge.api.fine_tunes.deps import CatalogDep
+from tuneforge.api.hardware.schemas import (
+    AvailabilityZones,
+    HardwareAvailability,
+    HardwareList,
+    HardwarePricing,
+    HardwarePublic,
+    HardwareSpecs,
+)
+from tuneforge.api.inference import service
+from tuneforge.api.responses import errors
+from tuneforge.api.routing import api_router
+from tuneforge.catalog.registry import Catalog
+from tuneforge.serve.hardware import HardwareOption
+from tuneforge.serve.pool import estimate_memory
+from tuneforge.settings import Settings
+from tuneforge.storage import BlobStore
+from tuneforge.store import Database
+
+router = api_router(tags=["hardware"])
+
+ZONE = "local"
+
+
+def _options(request: Request) -> list[HardwareOption]:
+    listing: Callable[[], list[HardwareOption]] = request.app.state.hardware
+    return listing()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _item(option: HardwareOption, needed: int | None) -> HardwarePublic:
+    status = None
+    if needed is not None:
+        status = HardwareAvailability(status="available" if option.fits(needed) else "insufficient")
+    return HardwarePublic(
+        id=option.id,
+        pricing=HardwarePricing(),
+        specs=HardwareSpecs(
+            gpu_type=option.gpu_type,
+            gpu_link=option.gpu_link,
+            gpu_memory=option.gpu_memory_gb,
+            gpu_count=option.gpu_count,
+        ),
+        updated_at=_iso(option.updated_at),
+        availability=status,
+    )
+
+
+def serving_need(
+    db: Database, blobs: BlobStore, catalog: Catalog, settings: Settings, *, owner: str, model: str
+) -> int:
+    """The memory a model server of `model` needs (its base model's, for a LoRA output); NotFoundError for a model
+    the caller cannot see."""
+    target = service.resolve(db, catalog, owner=owner, model=model)
+    size = service.weights_bytes(blobs, settings.home / "models", catalog, target.base)
+    return estimate_memory(target.base, size)
+
+
+@router.get("/hardware", response_model=HardwareList, response_model_exclude_none=True, responses=errors(404))
+async def list_hardware(
+    request: Request,
+    principal: PrincipalDep,
+    db: DbDep,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    model: Annotated[str | None, Query(description="Say, per option, whether this model's server fits it")] = None,
+) -> HardwareList:
+    """The hardware this host offers dedicated endpoints: its CPU (`cpu`) and its GPUs by type and count. Free."""
+    needed = None
+    if model is not None:
+        blobs = request.app.state.blobs
+        needed = await anyio.to_thread.run_sync(
+            lambda: serving_need(db, blobs, catalog, settings, owner=principal.owner, model=model)
+        )
+    options = await anyio.to_thread.run_sync(_options, request)
+    return HardwareList(data=[_item(o, needed) for o in options])
+
+
+@router.get("/clusters/availability-zones", response_model=AvailabilityZones)
+def availability_zones(principal: PrincipalDep) -> AvailabilityZones:
+    """The zones endpoints can run in: one, "local" (this host)."""
+    return AvailabilityZones(avzones=[ZONE])
