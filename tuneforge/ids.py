@@ -27,3 +27,7 @@ def new_upload_id() -> str:
 def new_api_key() -> str:
     """A fresh secret API key: 256 bits of randomness behind a recognisable prefix."""
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_endpoint_id() -> str:
+    return f"endpoint-{uuid.uuid4()}"

@@ -137,6 +137,18 @@ class Settings(BaseSettings):
     serve_max_batch: int = Field(32, ge=1, description="requests one model server decodes together")
     serve_max_loras: int = Field(8, ge=1, description="LoRA adapters one model server keeps loaded (LRU)")
     serve_threads: int | None = Field(None, description="torch threads per model server (default: all cores)")
+    endpoint_scale_up_load: float = Field(
+        8.0,
+        gt=0,
+        description="a dedicated endpoint adds a replica (up to max_replicas) when its requests in flight "
+        "per ready replica stay above this for endpoint_scale_up_after_s",
+    )
+    endpoint_scale_up_after_s: float = Field(5.0, ge=0, description="see endpoint_scale_up_load")
+    endpoint_scale_down_idle_s: float = Field(
+        120.0,
+        gt=0,
+        description="a dedicated endpoint above min_replicas whose replicas were all idle this long stops one",
+    )
     vllm_command: str = Field(
         "vllm serve",
         description="serve_backend vllm: the command that starts vLLM's OpenAI server (split like a shell line), to "

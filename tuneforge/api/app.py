@@ -13,6 +13,8 @@ from fastapi import APIRouter, FastAPI
 
 from tuneforge import __version__
 from tuneforge.api.body_limit import BodyLimit
+from tuneforge.api.endpoints import router as endpoints
+from tuneforge.api.endpoints.service import make_resolver
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
@@ -26,6 +28,7 @@ from tuneforge.api.models import router as models
 from tuneforge.api.responses import complete_schema
 from tuneforge.catalog import background
 from tuneforge.catalog.registry import Catalog
+from tuneforge.endpoints.supervisor import EndpointSupervisor
 from tuneforge.jobs.executors.registry import make_executor
 from tuneforge.jobs.worker import Worker
 from tuneforge.serve import hardware as host_hardware
@@ -65,7 +68,9 @@ def create_app(settings: Settings) -> FastAPI:
         if app.state.worker is not None:
             app.state.worker.start()
         app.state.pool.start()
+        app.state.endpoints.start()  # endpoints that were live come back
         yield
+        app.state.endpoints.shutdown()
         app.state.pool.shutdown()  # model servers end with the server that started them
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -91,6 +96,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.pool = ModelServerPool(settings)
     app.state.proxy_cache = ProxyCache()
     app.state.hardware = host_hardware.probe  # probed on first use, once per process
+    app.state.endpoint_resolver = make_resolver(db, app.state.catalog, blobs, settings)
+    app.state.endpoints = EndpointSupervisor(db, app.state.pool, settings, app.state.endpoint_resolver)
     app.state.worker = (
         Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
         if settings.run_worker
@@ -107,6 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
     v1.include_router(models.router)
     v1.include_router(inference.router)
     v1.include_router(hardware.router)
+    v1.include_router(endpoints.router)
     app.include_router(v1)
     app.include_router(identity.router_v3, prefix="/v3")
     app.include_router(files.uploads)

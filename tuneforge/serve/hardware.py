@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CPU_ID = "cpu"
+# The availability zones endpoints can run in: this host is one, "local".
+ZONES = ("local",)
 MIB = 1 << 20
 GIB = 1 << 30
 _NVIDIA_SMI = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
@@ -50,6 +52,7 @@ class HardwareOption:
     cores: int
     gpu_memory_gb: float  # the size in the id (a GPU's, as sold), or the host's memory in GiB for the CPU
     updated_at: float = field(default_factory=time.time)  # when it was probed (Unix seconds)
+    devices: str = ""  # the GPUs a replica on it sees (CUDA_VISIBLE_DEVICES: indices in nvidia-smi's order; "" = none)
 
     def fits(self, needed_bytes: int) -> bool:
         """Whether a model server that needs `needed_bytes` fits in this option's memory."""
@@ -99,7 +102,8 @@ def parse_nvidia_smi(text: str, *, cores: int | None = None) -> list[HardwareOpt
     """The GPU options of `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits` output: per GPU
     type (in the order first seen), `1x` up to the number of such GPUs. Lines that do not parse are skipped."""
     groups: OrderedDict[tuple[str, int, str], list[int]] = OrderedDict()
-    for line in text.splitlines():
+    indices: dict[tuple[str, int, str], list[int]] = {}
+    for index, line in enumerate(text.splitlines()):
         name, _, mem = line.rpartition(",")
         try:
             memory_mib = int(float(mem.strip()))
@@ -107,7 +111,9 @@ def parse_nvidia_smi(text: str, *, cores: int | None = None) -> list[HardwareOpt
             continue
         if not name.strip() or memory_mib <= 0:
             continue
-        groups.setdefault(describe_gpu(name, memory_mib), []).append(memory_mib)
+        kind = describe_gpu(name, memory_mib)
+        groups.setdefault(kind, []).append(memory_mib)
+        indices.setdefault(kind, []).append(index)
     cores = _cores() if cores is None else cores
     now = time.time()
     options = []
@@ -118,6 +124,7 @@ def parse_nvidia_smi(text: str, *, cores: int | None = None) -> list[HardwareOpt
                 id=gpu_id(count, model, memory_gb, link), gpu_type=f"{model.replace('_', '-')}-{memory_gb}gb",
                 gpu_link=link, gpu_count=count, gpu_memory_bytes=per_gpu, memory_bytes=count * per_gpu, cores=cores,
                 gpu_memory_gb=float(memory_gb), updated_at=now,
+                devices=",".join(str(i) for i in indices[(model, memory_gb, link)][:count]),
             ))  # fmt: skip
     return options
 

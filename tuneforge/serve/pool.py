@@ -89,7 +89,8 @@ class ModelServerPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._servers: dict[str, ModelProcess] = {}
+        self._servers: dict[str, ModelProcess] = {}  # serverless: one per model, started on first use
+        self._replicas: dict[str, ModelProcess] = {}  # dedicated endpoints' replicas (endpoints/supervisor.py)
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -102,8 +103,9 @@ class ModelServerPool:
     def shutdown(self) -> None:
         self._stop.set()
         with self._lock:
-            servers = list(self._servers.values())
+            servers = [*self._servers.values(), *self._replicas.values()]
             self._servers.clear()
+            self._replicas.clear()
         for server in servers:
             self._terminate(server)
 
@@ -151,10 +153,54 @@ class ModelServerPool:
         with self._lock:
             return list(self._servers.values())
 
+    # -- dedicated replicas --------------------------------------------------------------------------------------
+    # An endpoint's replicas count against the same memory budget as the serverless servers, and may push idle
+    # serverless servers out; they are never stopped as idle here (their endpoint's supervisor decides).
+
+    def launch_replica(self, key: str, source: ModelSource, memory: int, *, devices: str | None = None) -> ModelProcess:
+        """Start a replica process (not waiting for it to be ready: see `replica_ready`). PoolError (507) when the
+        budget cannot hold it."""
+        with self._lock:
+            return self._launch(key, source, memory, replica=True, devices=devices)
+
+    def replica_ready(self, server: ModelProcess) -> bool:
+        """One quick health check of a starting replica (True once it answered); False while it starts."""
+        if server.ready.is_set():
+            return True
+        if not server.alive():
+            server.failed = server.failed or f"exited with code {server.proc.returncode}"
+            return False
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                server.ready.set()
+        except httpx.HTTPError:
+            pass
+        return server.ready.is_set()
+
+    def hold(self, server: ModelProcess) -> None:
+        """The start of one use of a replica (its end is `release`)."""
+        with self._lock:
+            server.active += 1
+            server.last_used = time.monotonic()
+
+    def stop_replica(self, server: ModelProcess) -> None:
+        with self._lock:
+            if self._replicas.get(server.key) is server:
+                self._replicas.pop(server.key)
+        self._terminate(server)
+
+    def reserved_bytes(self) -> int:
+        """Memory held by running replicas."""
+        with self._lock:
+            return sum(s.memory for s in self._replicas.values())
+
     # -- inside ------------------------------------------------------------------------------------------------
 
-    def _launch(self, key: str, source: ModelSource, memory: int) -> ModelProcess:
-        """Start a process (the caller holds the lock), first stopping idle ones while the budget cannot hold it."""
+    def _launch(
+        self, key: str, source: ModelSource, memory: int, *, replica: bool = False, devices: str | None = None
+    ) -> ModelProcess:
+        """Start a process (the caller holds the lock), first stopping idle serverless ones while the budget
+        cannot hold it."""
         budget = self.settings.serve_memory_bytes
         if memory > budget:
             raise PoolError(
@@ -162,13 +208,16 @@ class ModelServerPool:
                 f"{budget >> 20} MiB (TUNEFORGE_SERVE_MEMORY_BYTES)",
                 status_code=507,
             )
-        while sum(s.memory for s in self._servers.values()) + memory > budget:
+        while self._used() + memory > budget:
             idle = [s for s in self._servers.values() if s.active == 0]
             if not idle:
-                used = sum(s.memory for s in self._servers.values())
+                replicas = sum(s.memory for s in self._replicas.values())
                 raise PoolError(
-                    f"the serving budget ({budget >> 20} MiB) is in use by busy model servers ({used >> 20} MiB); "
-                    f"model {source.name} needs about {memory >> 20} MiB: retry when they are idle"
+                    f"the serving budget ({budget >> 20} MiB, TUNEFORGE_SERVE_MEMORY_BYTES) is in use: "
+                    f"{self._used() >> 20} MiB by model servers, {replicas >> 20} MiB of it by dedicated endpoint "
+                    f"replicas; model {source.name} needs about {memory >> 20} MiB"
+                    + ("" if replica else ": retry when they are idle"),
+                    status_code=507 if replica else 503,
                 )
             victim = min(idle, key=lambda s: s.last_used)
             log.info("stopping model server %s (least recently used) to make room for %s", victim.key, key)
@@ -178,13 +227,16 @@ class ModelServerPool:
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"serve-{safe_name(key)}.log"
         port = _free_port()
-        command, env = launch_command(self.settings, source, port)
+        command, env = launch_command(self.settings, source, port, devices=devices)
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         server = ModelProcess(key=key, source=source, port=port, proc=proc, log_path=log_path, memory=memory)
-        self._servers[key] = server
+        (self._replicas if replica else self._servers)[key] = server
         log.info("started model server for %s on port %d (pid %d)", key, port, proc.pid)
         return server
+
+    def _used(self) -> int:
+        return sum(s.memory for s in self._servers.values()) + sum(s.memory for s in self._replicas.values())
 
     def _wait_ready(self, server: ModelProcess) -> None:
         deadline = time.monotonic() + self.settings.serve_start_timeout_s

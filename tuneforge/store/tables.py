@@ -129,3 +129,38 @@ class CheckpointRow(Base):
     kind: Mapped[str] = mapped_column(String(32))  # intermediate | final
     path: Mapped[str] = mapped_column(String(400))  # blob prefix of the checkpoint folder
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class EndpointRow(Base):
+    """One dedicated endpoint. `name` is what callers pass as `model`; `state` moves only through
+    `store/endpoints.transition` (the table in `store/endpoint_states.py`)."""
+
+    __tablename__ = "endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(400), unique=True)
+    display_name: Mapped[str] = mapped_column(String(400))
+    model: Mapped[str] = mapped_column(String(400))
+    hardware: Mapped[str] = mapped_column(String(100))
+    min_replicas: Mapped[int] = mapped_column(Integer)
+    max_replicas: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    inactive_timeout: Mapped[int | None] = mapped_column(Integer, nullable=True)  # minutes; None / 0: never
+    replica_bytes: Mapped[int] = mapped_column(BigInteger)  # memory one replica needs (the serving budget's unit)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_endpoints_owner_created", "owner", "created_at"),)
+
+
+class EndpointEventRow(Base):
+    __tablename__ = "endpoint_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    type: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -3,7 +3,8 @@
 The options are this host's (`serve/hardware.py`: the CPU, and its GPUs by type and count), probed once per process;
 `app.state.hardware` is the function that lists them (tests put another there). With `?model=`, each option says
 whether that model's model server fits it: the need is the pool's own estimate (`serve.pool.estimate_memory`) of
-the weights `?model=` names (`inference.service.resolve`, so another owner's model is "not found", as everywhere).
+the weights `?model=` names (the endpoints' resolver, `api/endpoints/service.make_resolver`: another owner's model
+is "not found", as everywhere).
 This server is one zone, "local".
 """
 
@@ -26,19 +27,11 @@ from tuneforge.api.hardware.schemas import (
     HardwarePublic,
     HardwareSpecs,
 )
-from tuneforge.api.inference import service
 from tuneforge.api.responses import errors
 from tuneforge.api.routing import api_router
-from tuneforge.catalog.registry import Catalog
-from tuneforge.serve.hardware import HardwareOption
-from tuneforge.serve.pool import estimate_memory
-from tuneforge.settings import Settings
-from tuneforge.storage import BlobStore
-from tuneforge.store import Database
+from tuneforge.serve.hardware import ZONES, HardwareOption
 
 router = api_router(tags=["hardware"])
-
-ZONE = "local"
 
 
 def _options(request: Request) -> list[HardwareOption]:
@@ -68,16 +61,6 @@ def _item(option: HardwareOption, needed: int | None) -> HardwarePublic:
     )
 
 
-def serving_need(
-    db: Database, blobs: BlobStore, catalog: Catalog, settings: Settings, *, owner: str, model: str
-) -> int:
-    """The memory a model server of `model` needs (its base model's, for a LoRA output); NotFoundError for a model
-    the caller cannot see."""
-    target = service.resolve(db, catalog, owner=owner, model=model)
-    size = service.weights_bytes(blobs, settings.home / "models", catalog, target.base)
-    return estimate_memory(target.base, size)
-
-
 @router.get("/hardware", response_model=HardwareList, response_model_exclude_none=True, responses=errors(404))
 async def list_hardware(
     request: Request,
@@ -90,10 +73,8 @@ async def list_hardware(
     """The hardware this host offers dedicated endpoints: its CPU (`cpu`) and its GPUs by type and count. Free."""
     needed = None
     if model is not None:
-        blobs = request.app.state.blobs
-        needed = await anyio.to_thread.run_sync(
-            lambda: serving_need(db, blobs, catalog, settings, owner=principal.owner, model=model)
-        )
+        resolve = request.app.state.endpoint_resolver  # what a replica of it would serve, and the memory it needs
+        needed = await anyio.to_thread.run_sync(lambda: resolve(principal.owner, model).memory)
     options = await anyio.to_thread.run_sync(_options, request)
     return HardwareList(data=[_item(o, needed) for o in options])
 
@@ -101,4 +82,4 @@ async def list_hardware(
 @router.get("/clusters/availability-zones", response_model=AvailabilityZones)
 def availability_zones(principal: PrincipalDep) -> AvailabilityZones:
     """The zones endpoints can run in: one, "local" (this host)."""
-    return AvailabilityZones(avzones=[ZONE])
+    return AvailabilityZones(avzones=list(ZONES))

@@ -144,9 +144,13 @@ async def _proxy(
 ) -> Response:
     pool = _pool(request)
     folder = await _adapter_folder(request, target)
-    size = await _weights_bytes(request, target.base)
     try:
-        server = await anyio.to_thread.run_sync(lambda: pool.acquire(target.base, size_hint=size))
+        if target.endpoint_id is not None:
+            supervisor, endpoint_id = request.app.state.endpoints, target.endpoint_id
+            server = await anyio.to_thread.run_sync(lambda: supervisor.acquire(endpoint_id))
+        else:
+            size = await _weights_bytes(request, target.base)
+            server = await anyio.to_thread.run_sync(lambda: pool.acquire(target.base, size_hint=size))
     except PoolError as exc:
         raise ServingError(exc.message, exc.status_code) from None
     path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -277,8 +281,8 @@ async def chat_completions(
     request: Request, body: ChatRequest, principal: PrincipalDep, db: DbDep, catalog: CatalogDep
 ) -> Response:
     """Chat with a catalog model or one of your fine-tuned models (streamed as server-sent events, or not)."""
-    target = await anyio.to_thread.run_sync(lambda: service.resolve(db, catalog, owner=principal.owner,
-                                                                     model=body.model))  # fmt: skip
+    target = await anyio.to_thread.run_sync(lambda: service.resolve_with_endpoints(
+        db, catalog, owner=principal.owner, model=body.model))  # fmt: skip
     together_style = isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool)
     return await _proxy(request, body, target, chat=True, together_logprobs=together_style)
 
@@ -288,6 +292,6 @@ async def completions(
     request: Request, body: CompletionRequest, principal: PrincipalDep, db: DbDep, catalog: CatalogDep
 ) -> Response:
     """Continue a prompt with a catalog model or one of your fine-tuned models."""
-    target = await anyio.to_thread.run_sync(lambda: service.resolve(db, catalog, owner=principal.owner,
-                                                                     model=body.model))  # fmt: skip
+    target = await anyio.to_thread.run_sync(lambda: service.resolve_with_endpoints(
+        db, catalog, owner=principal.owner, model=body.model))  # fmt: skip
     return await _proxy(request, body, target, chat=False, together_logprobs=False)

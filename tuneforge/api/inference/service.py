@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -22,11 +22,14 @@ from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.loading import resolve_model_dir
 from tuneforge.catalog.registry import Catalog
 from tuneforge.catalog.source import ModelSource
+from tuneforge.endpoints.supervisor import unavailable_message
 from tuneforge.errors import InvalidRequestError, NotFoundError
 from tuneforge.jobs import references
 from tuneforge.storage import BlobStore
 from tuneforge.store import Database
+from tuneforge.store import endpoints as endpoints_repo
 from tuneforge.store import jobs as jobs_repo
+from tuneforge.store.endpoint_states import LIVE
 
 # How many entries each of the proxy's caches keeps: far more adapters and models than are served at once, and a few
 # hundred KiB at most.
@@ -44,6 +47,23 @@ class Target:
     base: ModelSource
     adapter_name: str | None = None
     adapter_prefix: str | None = None
+    endpoint_id: str | None = None  # a dedicated endpoint's replicas serve it, not the serverless pool
+
+
+def resolve_with_endpoints(db: Database, catalog: Catalog, *, owner: str, model: str) -> Target:
+    """`resolve`, where `model` may also be the name of one of the caller's dedicated endpoints: then its
+    replicas serve it (a stopped endpoint is a 400 that says how to start it)."""
+    with db.session() as s:
+        endpoint = endpoints_repo.find_by_name(s, name=model, owner=owner)
+        if endpoint is not None:
+            s.expunge(endpoint)
+    if endpoint is None:
+        return resolve(db, catalog, owner=owner, model=model)
+    # STOPPING counts as stopped for a new request
+    if endpoint.state not in LIVE:
+        raise InvalidRequestError(unavailable_message(endpoint), param="model")
+    target = resolve(db, catalog, owner=endpoint.owner, model=endpoint.model)
+    return replace(target, public_name=model, endpoint_id=endpoint.id)
 
 
 def _source(entry: ModelEntry) -> ModelSource:

@@ -30,10 +30,17 @@ def transformers_command(settings: Settings, source: ModelSource, port: int) -> 
     return command, child_environment()
 
 
-def launch_command(settings: Settings, source: ModelSource, port: int) -> tuple[list[str], dict[str, str]]:
-    """The command line and the explicit environment of a model server for `source` on `port`."""
+def launch_command(
+    settings: Settings, source: ModelSource, port: int, *, devices: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and the explicit environment of a model server for `source` on `port`; `devices`, when
+    given, pins it to those GPUs (`CUDA_VISIBLE_DEVICES`; "" for none: the CPU)."""
     if settings.serve_backend == "transformers":
-        return transformers_command(settings, source, port)
-    if settings.serve_backend == "vllm":
-        return vllm_command(settings, source, port)
-    raise ValueError(f"unknown serving backend {settings.serve_backend!r}")
+        command, env = transformers_command(settings, source, port)
+    elif settings.serve_backend == "vllm":
+        command, env = vllm_command(settings, source, port)
+    else:
+        raise ValueError(f"unknown serving backend {settings.serve_backend!r}")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return command, env

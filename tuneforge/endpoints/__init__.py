@@ -1,0 +1,1 @@
+"""Dedicated endpoints: their lifecycle and the supervisor of their replica processes (`supervisor.py`)."""
