@@ -213,9 +213,9 @@ class ModelServerPool:
             if not idle:
                 replicas = sum(s.memory for s in self._replicas.values())
                 raise PoolError(
-                    f"the serving budget ({budget >> 20} MiB, TUNEFORGE_SERVE_MEMORY_BYTES) is in use: "
-                    f"{self._used() >> 20} MiB by model servers, {replicas >> 20} MiB of it by dedicated endpoint "
-                    f"replicas; model {source.name} needs about {memory >> 20} MiB"
+                    f"the serving budget ({budget >> 20} MiB, TUNEFORGE_SERVE_MEMORY_BYTES) is in use by busy model "
+                    f"servers ({self._used() >> 20} MiB, {replicas >> 20} MiB of it by dedicated endpoint replicas); "
+                    f"model {source.name} needs about {memory >> 20} MiB"
                     + ("" if replica else ": retry when they are idle"),
                     status_code=507 if replica else 503,
                 )

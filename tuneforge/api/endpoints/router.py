@@ -24,7 +24,7 @@ def _supervisor(request: Request) -> EndpointSupervisor:
     return supervisor
 
 
-@router.post("", response_model=EndpointPublic)
+@router.post("", response_model=EndpointPublic, responses=errors(404))
 async def create_endpoint(
     request: Request, body: CreateEndpoint, principal: PrincipalDep, db: DbDep, settings: SettingsDep,
     availability_zone: Annotated[str | None, Query()] = None,
