@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 
 from tuneforge.api.endpoints.schemas import (
     Autoscaling,
@@ -20,6 +19,7 @@ from tuneforge.api.endpoints.schemas import (
     UpdateEndpoint,
 )
 from tuneforge.api.inference import service as inference
+from tuneforge.api.timestamps import iso
 from tuneforge.catalog.registry import Catalog
 from tuneforge.endpoints.supervisor import EndpointSupervisor, Resolver, Served
 from tuneforge.errors import InvalidRequestError, NotFoundError
@@ -48,10 +48,6 @@ def make_resolver(db: Database, catalog: Catalog, blobs: BlobStore, settings: Se
     return resolve
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
 def public(row: EndpointRow, supervisor: EndpointSupervisor) -> EndpointPublic:
     replicas = supervisor.replicas(row.id)
     return EndpointPublic(
@@ -64,7 +60,7 @@ def public(row: EndpointRow, supervisor: EndpointSupervisor) -> EndpointPublic:
         state=row.state,
         autoscaling=Autoscaling(min_replicas=row.min_replicas, max_replicas=row.max_replicas),
         inactive_timeout=row.inactive_timeout,
-        created_at=_iso(row.created_at),
+        created_at=iso(row.created_at),
         error=row.error,
         replicas=len(replicas),
         ready_replicas=sum(1 for r in replicas if r.ready.is_set()),
@@ -73,7 +69,7 @@ def public(row: EndpointRow, supervisor: EndpointSupervisor) -> EndpointPublic:
 
 def list_item(row: EndpointRow) -> EndpointListItem:
     return EndpointListItem(id=row.id, name=row.name, model=row.model, owner=row.owner, state=row.state,
-                            created_at=_iso(row.created_at))  # fmt: skip
+                            created_at=iso(row.created_at))  # fmt: skip
 
 
 def _system_name(owner: str, model: str) -> str:

@@ -6,7 +6,6 @@ Pure shaping: callers pass every row and fact in; nothing here queries the store
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 from typing import Any, get_args
 
 from tuneforge.api.fine_tunes.schemas import (
@@ -18,6 +17,7 @@ from tuneforge.api.fine_tunes.schemas import (
     ModelLimitsPublic,
     ProgressPublic,
 )
+from tuneforge.api.timestamps import iso
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.jobs.references import final_step, is_completed
 from tuneforge.jobs.stored_plan import plan_of
@@ -29,13 +29,6 @@ from tuneforge.train.spec import JobPlan
 NANO = 1_000_000_000
 _EVENT_KEYS = frozenset({"object", "created_at", "message", "type", "level", "tuneforge_type"})
 _SECRET_ENDINGS = ("_key", "api_token", "hf_token", "secret", "password")
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix seconds as `YYYY-MM-DDTHH:MM:SS.ffffffZ`, one of the two layouts the CLI can render."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _int(value: Any) -> int | None:

@@ -14,7 +14,6 @@ from tuneforge.api.errors import error_body
 from tuneforge.api.files.signing import signed_query, verify
 from tuneforge.api.fine_tunes import archives, create, preview, service
 from tuneforge.api.fine_tunes.deps import CatalogDep
-from tuneforge.api.fine_tunes.public import iso
 from tuneforge.api.fine_tunes.schemas import (
     CheckpointList,
     EstimatePricePublic,
@@ -32,6 +31,7 @@ from tuneforge.api.fine_tunes.schemas import (
 )
 from tuneforge.api.responses import binary, errors
 from tuneforge.api.routing import api_router
+from tuneforge.api.timestamps import iso
 
 router = api_router(prefix="/fine-tunes", tags=["fine-tuning"])
 downloads = api_router(prefix="/finetune", tags=["fine-tuning"])

@@ -11,7 +11,6 @@ This server is one zone, "local".
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Annotated
 
 import anyio
@@ -29,6 +28,7 @@ from tuneforge.api.hardware.schemas import (
 )
 from tuneforge.api.responses import errors
 from tuneforge.api.routing import api_router
+from tuneforge.api.timestamps import iso
 from tuneforge.serve.hardware import ZONES, HardwareOption
 
 router = api_router(tags=["hardware"])
@@ -37,10 +37,6 @@ router = api_router(tags=["hardware"])
 def _options(request: Request) -> list[HardwareOption]:
     listing: Callable[[], list[HardwareOption]] = request.app.state.hardware
     return listing()
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _item(option: HardwareOption, needed: int | None) -> HardwarePublic:
@@ -56,7 +52,7 @@ def _item(option: HardwareOption, needed: int | None) -> HardwarePublic:
             gpu_memory=option.gpu_memory_gb,
             gpu_count=option.gpu_count,
         ),
-        updated_at=_iso(option.updated_at),
+        updated_at=iso(option.updated_at),
         availability=status,
     )
 
