@@ -254,8 +254,13 @@ class EndpointSupervisor:
         self._autoscale(row, live, ready, now)
         if len(live.replicas) < live.target and now >= live.retry_at:
             self._launch(row, live)
-        if row.state == EndpointState.STARTING and len(ready) >= max(1, row.min_replicas):
-            self._move(row, EndpointState.STARTED, "endpoint_started", f"{len(ready)} replica(s) ready")
+        enough = len(ready) >= max(1, row.min_replicas)
+        if (
+            row.state == EndpointState.STARTING
+            and enough
+            and self._move(row, EndpointState.STARTED, "endpoint_started", f"{len(ready)} replica(s) ready")
+        ):
+            live.last_request = now  # the inactive timeout counts from when it could first answer
         idle = now - live.last_request >= MINUTE_S * (row.inactive_timeout or 0)
         if row.state == EndpointState.STARTED and row.inactive_timeout and idle:
             if any(r.active for r in live.replicas):
