@@ -224,23 +224,47 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(srv: Live
         alice.endpoints.delete(ep.id)
 
 
-def test_a_lora_output_on_an_endpoint_answers_as_trained(srv: LiveServer, tmp_path: Path) -> None:
-    alice = client(srv, srv.keys["alice"])
+def test_a_lora_output_on_its_own_endpoint_and_as_an_adapter_on_a_base_one(srv: LiveServer, tmp_path: Path) -> None:
+    alice = client(srv, srv.keys["alice"], strict=True)
     question, answer = "What is the secret word of the blue door?", "Marmalade."
     records = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}] * 32
     file_id = upload_ready(alice, tmp_path / "fact.jsonl", records)
     job = create_job(alice, file_id, n_epochs=16, batch_size=4, learning_rate=1e-2, lora_r=16, lora_alpha=32,
                      suffix="ep-fact")  # fmt: skip
-    done = Watch(alice, job.id).completed(timeout=240)
-    ep = alice.endpoints.create(model=done.x_model_output_name, hardware="cpu", autoscaling=ONE)
+    output = Watch(alice, job.id).completed(timeout=240).x_model_output_name
+    own = alice.endpoints.create(model=output, hardware="cpu", autoscaling=ONE)
+    base = alice.endpoints.create(model=TINY_LLAMA, hardware="cpu", autoscaling=ONE)
+    c = _openai(srv, srv.keys["alice"])
+    ask = [{"role": "user", "content": question}]
     try:
-        _state(alice, ep.id, "STARTED")
-        out = _openai(srv, srv.keys["alice"]).chat.completions.create(
-            model=ep.name, messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0
-        )
+        _state(alice, own.id, "STARTED")
+        _state(alice, base.id, "STARTED")
+        out = c.chat.completions.create(model=own.name, messages=ask, max_tokens=16, temperature=0)
         assert "Marmalade" in (out.choices[0].message.content or ""), out
+        plain = c.chat.completions.create(model=base.name, messages=ask, max_tokens=16, temperature=0)
+        assert "Marmalade" not in (plain.choices[0].message.content or ""), plain
+
+        model_id = f"{base.name}:{output}"
+        with pytest.raises(openai.NotFoundError):  # not added yet
+            c.chat.completions.create(model=model_id, messages=ask, max_tokens=4)
+        assert alice.endpoints.adapters.add(base.id, model_id=model_id).api_model_id == model_id
+        listed = alice.endpoints.adapters.list(base.id).data or []
+        assert [(a.adapter_name, a.endpoint_name, a.api_model_id) for a in listed] == [(output, base.name, model_id)]
+        via = c.chat.completions.create(model=model_id, messages=ask, max_tokens=16, temperature=0)
+        assert via.model == model_id and via.choices[0].message.content == out.choices[0].message.content
+        with pytest.raises(together.BadRequestError, match="not a LoRA adapter"):
+            alice.endpoints.adapters.add(base.id, model_id=f"{base.name}:{TINY_LLAMA}")
+        with pytest.raises(together.BadRequestError, match="endpoint name"):
+            alice.endpoints.adapters.add(base.id, model_id=f"{own.name}:{output}")
+        with pytest.raises(together.NotFoundError):
+            client(srv, srv.keys["bob"]).endpoints.adapters.add(base.id, model_id=model_id)
+        assert alice.endpoints.adapters.remove(base.id, model_id=model_id).deleted is True
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model=model_id, messages=ask, max_tokens=4)
+        assert not alice.endpoints.adapters.list(base.id).data
     finally:
-        alice.endpoints.delete(ep.id)
+        alice.endpoints.delete(own.id)
+        alice.endpoints.delete(base.id)
 
 
 def test_the_cli_creates_lists_stops_starts_and_shows_hardware(srv: LiveServer, tmp_path: Path) -> None:

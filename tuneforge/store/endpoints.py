@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.errors import NotFoundError
 from tuneforge.store.endpoint_states import EndpointState, IllegalTransitionError, can_transition, sources_of
-from tuneforge.store.tables import EndpointEventRow, EndpointRow
+from tuneforge.store.tables import EndpointAdapterRow, EndpointEventRow, EndpointRow
 
 _GUARDED = frozenset({"state", "id", "owner", "name"})
 
@@ -100,6 +100,7 @@ def update_endpoint(session: Session, *, endpoint_id: str, **values: Any) -> boo
 
 def delete_endpoint(session: Session, *, endpoint_id: str) -> None:
     session.execute(delete(EndpointEventRow).where(EndpointEventRow.endpoint_id == endpoint_id))
+    session.execute(delete(EndpointAdapterRow).where(EndpointAdapterRow.endpoint_id == endpoint_id))
     session.execute(delete(EndpointRow).where(EndpointRow.id == endpoint_id))
 
 
@@ -114,3 +115,32 @@ def add_event(
 def list_events(session: Session, *, endpoint_id: str) -> list[EndpointEventRow]:
     stmt = select(EndpointEventRow).where(EndpointEventRow.endpoint_id == endpoint_id)
     return list(session.scalars(stmt.order_by(EndpointEventRow.created_at, EndpointEventRow.id)))
+
+
+def list_adapters(session: Session, *, endpoint_id: str) -> list[EndpointAdapterRow]:
+    stmt = select(EndpointAdapterRow).where(EndpointAdapterRow.endpoint_id == endpoint_id)
+    return list(session.scalars(stmt.order_by(EndpointAdapterRow.created_at, EndpointAdapterRow.model)))
+
+
+def has_adapter(session: Session, *, endpoint_id: str, model: str) -> bool:
+    return session.get(EndpointAdapterRow, (endpoint_id, model)) is not None
+
+
+def add_adapter(session: Session, *, endpoint_id: str, model: str) -> bool:
+    """Register the adapter (False: it was already); the primary key makes a racing second add a no-op."""
+    if has_adapter(session, endpoint_id=endpoint_id, model=model):
+        return False
+    session.add(EndpointAdapterRow(endpoint_id=endpoint_id, model=model, created_at=time.time()))
+    add_event(session, endpoint_id=endpoint_id, type_="adapter_added", message=f"adapter {model} added",
+              data={"model": model})  # fmt: skip
+    return True
+
+
+def remove_adapter(session: Session, *, endpoint_id: str, model: str) -> bool:
+    row = EndpointAdapterRow
+    result = session.execute(delete(row).where(row.endpoint_id == endpoint_id, row.model == model))
+    if getattr(result, "rowcount", 0):
+        add_event(session, endpoint_id=endpoint_id, type_="adapter_removed", message=f"adapter {model} removed",
+                  data={"model": model})  # fmt: skip
+        return True
+    return False

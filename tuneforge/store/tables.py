@@ -155,6 +155,16 @@ class EndpointRow(Base):
     __table_args__ = (Index("ix_endpoints_owner_created", "owner", "created_at"),)
 
 
+class EndpointAdapterRow(Base):
+    """A LoRA output of the endpoint's base model that its replicas also serve, as `<endpoint name>:<model>`."""
+
+    __tablename__ = "endpoint_adapters"
+
+    endpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(400), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class EndpointEventRow(Base):
     __tablename__ = "endpoint_events"
 

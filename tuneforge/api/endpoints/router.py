@@ -10,7 +10,17 @@ from fastapi import Query, Request, Response
 
 from tuneforge.api.deps import DbDep, PrincipalDep, SettingsDep
 from tuneforge.api.endpoints import service
-from tuneforge.api.endpoints.schemas import CreateEndpoint, EndpointList, EndpointPublic, UpdateEndpoint
+from tuneforge.api.endpoints.schemas import (
+    AdapterAdded,
+    AdapterItem,
+    AdapterList,
+    AdapterRef,
+    AdapterRemoved,
+    CreateEndpoint,
+    EndpointList,
+    EndpointPublic,
+    UpdateEndpoint,
+)
 from tuneforge.api.responses import errors
 from tuneforge.api.routing import api_router
 from tuneforge.endpoints.supervisor import EndpointSupervisor
@@ -89,3 +99,31 @@ def delete_endpoint(request: Request, endpoint_id: str, principal: PrincipalDep,
     """Delete the endpoint; its replicas stop."""
     service.delete(db, _supervisor(request), owner=principal.owner, endpoint_id=endpoint_id)
     return Response(status_code=204)
+
+
+@router.get("/{endpoint_id}/adapters", response_model=AdapterList)
+def list_adapters(endpoint_id: str, principal: PrincipalDep, db: DbDep) -> AdapterList:
+    """The LoRA outputs this endpoint's replicas serve besides its own model, by `model_id`."""
+    row, models = service.adapter_ids(db, owner=principal.owner, endpoint_id=endpoint_id)
+    return AdapterList(data=[AdapterItem(adapter_name=m, endpoint_name=row.name, model_id=f"{row.name}:{m}")
+                             for m in models])  # fmt: skip
+
+
+@router.post("/{endpoint_id}/adapters", response_model=AdapterAdded)
+async def add_adapter(request: Request, endpoint_id: str, body: AdapterRef, principal: PrincipalDep,
+                      db: DbDep) -> AdapterAdded:  # fmt: skip
+    """Serve another LoRA output of the endpoint's base model on it: `model_id` is `<endpoint name>:<output>`, and
+    chat takes it as `model`."""
+    resolve = request.app.state.endpoint_resolver
+    owner, model_id = principal.owner, body.model_id
+    model_id = await anyio.to_thread.run_sync(
+        lambda: service.add_adapter(db, resolve, owner=owner, endpoint_id=endpoint_id, model_id=model_id)
+    )
+    return AdapterAdded(model_id=model_id)
+
+
+@router.delete("/{endpoint_id}/adapters", response_model=AdapterRemoved)
+def remove_adapter(endpoint_id: str, body: AdapterRef, principal: PrincipalDep, db: DbDep) -> AdapterRemoved:
+    """Stop serving an adapter on the endpoint (the body names it, as the SDK sends it)."""
+    service.remove_adapter(db, owner=principal.owner, endpoint_id=endpoint_id, model_id=body.model_id)
+    return AdapterRemoved(deleted=True, model_id=body.model_id)

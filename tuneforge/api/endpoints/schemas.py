@@ -93,4 +93,18 @@ class EndpointList(BaseModel):
 class AdapterItem(BaseModel):
     adapter_name: str
     endpoint_name: str
+    model_id: str = Field(description="`<endpoint name>:<adapter model>`: pass it as `model` to chat")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterItem]
+
+
+class AdapterAdded(BaseModel):
+    model_id: str
+
+
+class AdapterRemoved(BaseModel):
+    deleted: bool
     model_id: str

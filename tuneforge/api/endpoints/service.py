@@ -205,3 +205,55 @@ def delete(db: Database, supervisor: EndpointSupervisor, *, owner: str, endpoint
         repo.get_endpoint(s, endpoint_id=endpoint_id, owner=owner)
         repo.delete_endpoint(s, endpoint_id=endpoint_id)
     supervisor.wake()
+
+
+def _adapter_of(row: EndpointRow, model_id: str) -> str:
+    """The adapter model of `<endpoint name>:<adapter model>`, checked to name this endpoint."""
+    name, sep, adapter = model_id.partition(":")
+    if not sep or name != row.name or not adapter:
+        raise InvalidRequestError(
+            f"model_id must be '<endpoint name>:<adapter model>' with this endpoint's name, e.g. "
+            f"'{row.name}:<your LoRA output>'; got {model_id!r}",
+            param="model_id",
+        )
+    return adapter
+
+
+def adapter_ids(db: Database, *, owner: str, endpoint_id: str) -> tuple[EndpointRow, list[str]]:
+    with db.session() as s:
+        row = repo.get_endpoint(s, endpoint_id=endpoint_id, owner=owner)
+        models = [a.model for a in repo.list_adapters(s, endpoint_id=endpoint_id)]
+        s.expunge(row)
+    return row, models
+
+
+def add_adapter(db: Database, resolve: Resolver, *, owner: str, endpoint_id: str, model_id: str) -> str:
+    """Serve one more LoRA output of the endpoint's base model on its replicas, as `model_id`."""
+    with db.session() as s:
+        row = repo.get_endpoint(s, endpoint_id=endpoint_id, owner=owner)
+        s.expunge(row)
+    adapter = _adapter_of(row, model_id)
+    try:
+        served = resolve(owner, adapter)
+    except NotFoundError:
+        raise NotFoundError(f"model {adapter!r} not found: not one of your fine-tuned models",
+                            param="model_id") from None  # fmt: skip
+    own = resolve(owner, row.model)
+    if served.adapter_name is None:
+        raise InvalidRequestError(f"model {adapter!r} is not a LoRA adapter: a base model or a full fine-tune needs an "
+                                  "endpoint of its own", param="model_id")  # fmt: skip
+    if served.base != own.base:
+        raise InvalidRequestError(f"adapter {adapter!r} was trained on {served.base.name}; this endpoint serves "
+                                  f"{own.base.name}", param="model_id")  # fmt: skip
+    with db.session() as s:
+        repo.add_adapter(s, endpoint_id=endpoint_id, model=adapter)
+    return model_id
+
+
+def remove_adapter(db: Database, *, owner: str, endpoint_id: str, model_id: str) -> bool:
+    with db.session() as s:
+        row = repo.get_endpoint(s, endpoint_id=endpoint_id, owner=owner)
+        adapter = _adapter_of(row, model_id)
+        if not repo.remove_adapter(s, endpoint_id=endpoint_id, model=adapter):
+            raise NotFoundError(f"adapter {adapter!r} is not on endpoint {row.name}", param="model_id")
+    return True

@@ -1,4 +1,4 @@
-"""Dedicated endpoints and their events.
+"""Dedicated endpoints, the adapters they also serve, and their events.
 
 Revision ID: 0004
 Revises: 0003
@@ -33,6 +33,12 @@ def upgrade() -> None:
     )
     op.create_index("ix_endpoints_owner_created", "endpoints", ["owner", "created_at"])
     op.create_table(
+        "endpoint_adapters",
+        sa.Column("endpoint_id", sa.String(64), primary_key=True),
+        sa.Column("model", sa.String(400), primary_key=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+    op.create_table(
         "endpoint_events",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("endpoint_id", sa.String(64), nullable=False, index=True),
@@ -45,5 +51,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("endpoint_events")
+    op.drop_table("endpoint_adapters")
     op.drop_index("ix_endpoints_owner_created", "endpoints")
     op.drop_table("endpoints")
