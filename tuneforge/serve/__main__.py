@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # Torch work on the main thread would slow the engine's step thread for the life of the process (off_thread).
     folder = off_thread(lambda: _prepare(source, args.cache_dir, args.storage_url))
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    engine = off_thread(
-        lambda: TransformersEngine(folder, dtype=dtype, max_batch=args.max_batch, max_loras=args.max_loras)
-    )
+    engine = TransformersEngine(folder, dtype=dtype, max_batch=args.max_batch, max_loras=args.max_loras)
     engine.start()
     try:
         app = create_model_app(ModelServer(engine, base_name=source.name, model_dir=folder))
