@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPUs CUDA_VISIBLE_DEVICES leaves)")
     args = parser.parse_args(args_in)
     if command and args.exec_model_at is None:
         parser.error("a command after -- needs --exec-model-at")
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     # Torch work on the main thread would slow the engine's step thread for the life of the process (off_thread).
     folder = off_thread(lambda: _prepare(source, args.cache_dir, args.storage_url))
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    engine = TransformersEngine(folder, dtype=dtype, max_batch=args.max_batch, max_loras=args.max_loras)
+    engine = TransformersEngine(folder, device=args.device, dtype=dtype, max_batch=args.max_batch,
+                                max_loras=args.max_loras)  # fmt: skip
     engine.start()
     try:
         app = create_model_app(ModelServer(engine, base_name=source.name, model_dir=folder))

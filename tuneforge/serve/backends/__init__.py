@@ -37,6 +37,8 @@ def launch_command(
     given, pins it to those GPUs (`CUDA_VISIBLE_DEVICES`; "" for none: the CPU)."""
     if settings.serve_backend == "transformers":
         command, env = transformers_command(settings, source, port)
+        if devices:  # a replica on GPU hardware: tuneforge's engine on the GPUs it is given
+            command += ["--device", "cuda"]
     elif settings.serve_backend == "vllm":
         command, env = vllm_command(settings, source, port)
     else:
