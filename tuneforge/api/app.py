@@ -97,7 +97,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.proxy_cache = ProxyCache()
     app.state.hardware = host_hardware.probe  # probed on first use, once per process
     app.state.endpoint_resolver = make_resolver(db, app.state.catalog, blobs, settings)
-    app.state.endpoints = EndpointSupervisor(db, app.state.pool, settings, app.state.endpoint_resolver)
+    app.state.endpoints = EndpointSupervisor(
+        db, app.state.pool, settings, app.state.endpoint_resolver, hardware_options=lambda: app.state.hardware()
+    )
     app.state.worker = (
         Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
         if settings.run_worker

@@ -94,8 +94,12 @@ def backoff(failures: int) -> float:
 
 
 class EndpointSupervisor:
-    def __init__(self, db: Database, pool: ModelServerPool, settings: Settings, resolve: Resolver) -> None:
+    def __init__(
+        self, db: Database, pool: ModelServerPool, settings: Settings, resolve: Resolver,
+        hardware_options: Callable[[], list[hardware.HardwareOption]] = hardware.probe,
+    ) -> None:  # fmt: skip
         self.db = db
+        self.hardware_options = hardware_options  # the listing the API shows (app.state.hardware)
         self.pool = pool
         self.settings = settings
         self.resolve = resolve
@@ -313,7 +317,7 @@ class EndpointSupervisor:
 
     def _devices(self, row: EndpointRow) -> str | None:
         """The GPUs a replica on this endpoint's hardware may see ("" for the CPU; None: not on this host)."""
-        option = hardware.find(row.hardware)
+        option = hardware.find(row.hardware, self.hardware_options())
         return option.devices if option is not None else None
 
     def _stop_all(self, endpoint_id: str) -> None:

@@ -54,20 +54,18 @@ def resolve_with_endpoints(db: Database, catalog: Catalog, *, owner: str, model:
     """`resolve`, where `model` may also be the name of one of the caller's dedicated endpoints, or
     `<endpoint name>:<adapter model>` for an adapter added to one: then the endpoint's replicas serve it (a stopped
     endpoint is a 400 that says how to start it)."""
+    adapter: str | None = None
     with db.session() as s:
         endpoint = endpoints_repo.find_by_name(s, name=model, owner=owner)
+        name, sep, rest = model.partition(":")
+        if endpoint is None and sep:  # `<endpoint name>:<adapter model>`, an adapter added to one of the caller's
+            endpoint = endpoints_repo.find_by_name(s, name=name, owner=owner)
+            if endpoint is not None and not endpoints_repo.has_adapter(s, endpoint_id=endpoint.id, model=rest):
+                raise NotFoundError(f"adapter {rest!r} is not on endpoint {name} (POST /v1/endpoints/"
+                                    f"{endpoint.id}/adapters adds it)", param="model")  # fmt: skip
+            adapter = rest
         if endpoint is not None:
             s.expunge(endpoint)
-    adapter = None
-    if endpoint is None:  # `<endpoint name>:<adapter model>`, an adapter added to one of the caller's endpoints
-        name, sep, adapter = model.partition(":")
-        with db.session() as s:
-            endpoint = endpoints_repo.find_by_name(s, name=name, owner=owner) if sep else None
-            if endpoint is not None and not endpoints_repo.has_adapter(s, endpoint_id=endpoint.id, model=adapter):
-                raise NotFoundError(f"adapter {adapter!r} is not on endpoint {name} (POST /v1/endpoints/"
-                                    f"{endpoint.id}/adapters adds it)", param="model")  # fmt: skip
-            if endpoint is not None:
-                s.expunge(endpoint)
     if endpoint is None:
         return resolve(db, catalog, owner=owner, model=model)
     if endpoint.state not in LIVE:  # STOPPING counts as stopped for a new request
