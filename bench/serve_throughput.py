@@ -14,10 +14,12 @@ The compute bound is measured in the same run: one pass of 32-row matmuls throug
 setup's torch work runs in threads that end (`serve.engine.off_thread`: a parallel op on the main thread makes the
 engine's step thread ~1.5x slower on a 2-core CPU).
 Goals: 32 streams >= 10x one stream (base), mixed 8 adapters >= 0.85x one adapter (32 streams), 32-stream
-throughput >= 50% of the bound. Timings drift on a shared machine: compare figures of one run.
+throughput >= 50% of the bound. Timings drift on a shared machine: compare figures of one run. `fused_kernels` in
+the JSON says whether the engine ran its fused CPU kernels (`serve/kernels`; `--no-kernels`: torch's operations,
+to compare).
 
     python bench/serve_throughput.py [--quick] [--dtype auto|fp32|bf16] [--tokens 64] [--rounds 3] [--sampling]
-                                     [--model smollm2|tiny] [--cache DIR] [--bound-seconds 2]
+                                     [--model smollm2|tiny] [--cache DIR] [--bound-seconds 2] [--no-kernels]
 
 `--quick`: --tokens 16 --rounds 1 --bound-seconds 0.5. `--model tiny`: a random tiny llama (tests only; its figures
 say nothing about throughput). The last line printed is one JSON object (x32_vs_x1, mixed_vs_single, bound_share,
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tuneforge" / "models"))
     ap.add_argument("--bound-seconds", type=float, default=2.0)
+    ap.add_argument("--no-kernels", action="store_true", help="torch's operations instead of the fused kernels")
     a = ap.parse_args()
     if a.quick:
         a.tokens, a.rounds, a.bound_seconds = 16, 1, 0.5
@@ -168,7 +171,11 @@ def main() -> None:
     folders = off_thread(lambda: make_adapters(model_dir, tmp / "adapters", ADAPTERS))
     print(f"model {model_dir}; {ADAPTERS} rank-8 adapters made in {time.perf_counter() - t:.1f}s", flush=True)
 
-    engine = TransformersEngine(model_dir, dtype=dtype, max_batch=32, max_loras=ADAPTERS)
+    engine = TransformersEngine(
+        model_dir, dtype=dtype, max_batch=32, max_loras=ADAPTERS, fused_kernels=not a.no_kernels
+    )
+    fused = engine.lean is not None and engine.lean.kernels is not None
+    print(f"fused kernels: {fused}", flush=True)
     names = [f"a{i}" for i in range(ADAPTERS)]
     for n, folder in zip(names, folders, strict=True):
         engine.load_adapter(n, folder)
@@ -218,6 +225,7 @@ def main() -> None:
         "bound_share": round(bound_share, 3),
         "bound_share_with_prefill": round(bound_share_all, 3),
         "dtype": name,
+        "fused_kernels": fused,
         "goals": goals,
         "bound_gflops": round(gflops, 1),
         "bound_tok_s": round(bound, 1),

@@ -10,10 +10,12 @@ The KV cache is a transformers `DynamicCache` whose per-layer key/value tensors 
 engine edits between forwards. Rows are left-padded to the common length L: row b holds its `cache_len` real
 positions at the right end, L - cache_len padding columns at the left, which the 2-D attention mask hides; every
 forward gets explicit `position_ids` (a row's next position is its own cache_len, whatever its padding).
-- Joining: a group of new prompts is prefilled right-padded with no padding mask (causal attention alone keeps every
-  real position from seeing the padding that follows it), giving a fresh cache [n, H, T, D]. Each row's real
-  positions are moved to the right end of L' = max(L, longest new prompt) with one `gather`, the running rows are
-  left-padded by L' - L, and the two are concatenated along the batch.
+- Joining: new prompts are prefilled with no padding mask (right-padded, causal attention alone keeps every real
+  position from seeing the padding that follows it), giving fresh keys and values [n, H, T, D]: through the fused
+  kernels (`serve/kernels`, `LeanDecoder.prefill_fused`) all at once, packed (padding only inside attention);
+  through transformers' forward in groups of similar lengths (`_length_groups`). Each row's real positions are moved
+  to the right end of L' = max(L, longest new prompt) with one `gather`, the running rows are left-padded by L' - L,
+  and all are concatenated along the batch.
 - Leaving: the remaining rows are index-selected, and the padding columns no remaining row needs are cut
   (L = the longest remaining cache_len), so a long request that ends gives its columns back.
 
@@ -30,10 +32,13 @@ Sampling per row: greedy at temperature 0; else repetition penalty (transformers
 tokens divided, negative multiplied), temperature, top_k, top_p, min_p, then a draw from the request's own
 `torch.Generator` (seeded by `seed`, else at random), so a seeded request draws the same tokens whatever shares its
 batch. `logprob` and `top_logprobs` are of the model's distribution (log-softmax of the raw logits, before penalty,
-temperature or truncation).
+temperature or truncation). A step whose rows are all greedy and ask for no alternatives takes each row's token and
+log-probability in one kernel pass over the raw logits (`DecodeKernels.argmax_logsumexp`), where the kernels are on.
 
 The weights are held in the compute dtype (`dtype`, default: bf16 where the machine has fast bf16, else fp32 -
-`train.hardware.compute_dtype("auto")`, the training recipe's rule); the sampling math is fp32.
+`train.hardware.compute_dtype("auto")`, the training recipe's rule); the sampling math is fp32. On the CPU, for
+llama-shaped models (`LeanDecoder`), steps run through the fused C++ kernels of `serve/kernels` (built once per
+machine with its compiler; `fused_kernels=False`, or no compiler, keeps torch's operations).
 
 Limits: decoder-only models with full attention on every layer (no sliding-window or hybrid cache layers: refused
 at load) and no final-logit soft-capping.
@@ -58,6 +63,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tuneforge.serve.adapters import AdapterRegistry, read_adapter
+from tuneforge.serve.kernels import load as load_kernels
 from tuneforge.serve.lean import LeanDecoder
 from tuneforge.serve.lora import inject_multi_lora
 from tuneforge.serve.structured import Grammars, mask_rows
@@ -120,6 +126,17 @@ class _GrowingLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
+    def reserve(self, q: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Make room for `q` more columns and count them in (the caller writes them): the key and value buffers
+        [rows, heads, capacity, dim] and the index of the first new column."""
+        assert self._k is not None and self._v is not None and self.keys is not None and self.values is not None
+        n = self.keys.shape[2]
+        if n + q > self._k.shape[2]:
+            self.set(self.keys, self.values)
+            assert self._k is not None and self._v is not None
+        self.keys, self.values = self._k[:, :, : n + q], self._v[:, :, : n + q]
+        return self._k, self._v, n
+
 
 def _running_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
@@ -135,6 +152,26 @@ def _layers(cache: DynamicCache) -> list[DynamicLayer]:
 def _deliver(items: list[tuple[asyncio.Queue[GeneratedToken | BaseException], GeneratedToken | BaseException]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _length_groups(lens: list[int], min_tokens: int = 256, max_padding: float = 1.25) -> list[list[int]]:
+    """Indices of `lens` in groups to prefill together: by length, a group grows while its padded size stays
+    within `max_padding` x its real tokens, or while it holds fewer than `min_tokens` (small matmuls waste more
+    than padding does). E.g. 32 prompts of 32-96 tokens: ~3 groups with ~10% padding, where one group pads ~50%."""
+    order = sorted(range(len(lens)), key=lambda i: lens[i])
+    groups: list[list[int]] = []
+    group: list[int] = []
+    tokens = 0
+    for i in order:
+        n = lens[i]  # the longest so far: the group's padded width if i joins
+        if group and tokens >= min_tokens and (len(group) + 1) * n > max_padding * (tokens + n):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(i)
+        tokens += n
+    if group:
+        groups.append(group)
+    return groups
 
 
 def off_thread(fn: Callable[[], T]) -> T:
@@ -204,6 +241,7 @@ class TransformersEngine:
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         lora_strategy: str = "stacked",
         lean_decode: bool = True,
+        fused_kernels: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else compute_dtype("auto", self.device)
@@ -223,7 +261,11 @@ class TransformersEngine:
             raise EngineError("models with final-logit soft-capping are not supported by this engine")
         self.decoder = self.model.get_decoder()
         # decoding steps through `serve/lean.py` where the architecture allows it (the same computation, fewer ops)
-        self.lean = LeanDecoder(self.model) if lean_decode and LeanDecoder.supports(self.model) else None
+        # and on the CPU through the fused kernels of `serve/kernels` where they build
+        self.lean: LeanDecoder | None = None
+        self.kernels = load_kernels(self.dtype, self.device) if fused_kernels else None
+        if lean_decode and LeanDecoder.supports(self.model):
+            self.lean = LeanDecoder(self.model, self.kernels)
         self.head = self.model.get_output_embeddings()
         self.vocab_size = int(self.head.weight.shape[0])
         self.max_batch = max_batch
@@ -505,55 +547,91 @@ class TransformersEngine:
         self.lora_ctx.set_rows([r.slot for r in rows], self.device)
 
     def _prefill(self, rows: list[_Request]) -> None:
+        """Prefill the admitted rows, sample each one's first token, and merge the rows that go on into the running
+        cache at once. Through the fused kernels (`LeanDecoder.prefill_fused`) the prompts go packed, in one
+        forward; through transformers' forward, right-padded, in groups of similar lengths (`_length_groups`:
+        padding costs every layer's matmuls)."""
         lens = [len(r.req.prompt_ids) for r in rows]
-        width = max(lens)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : lens[i]] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
-        ids = ids.to(self.device)
-        positions = torch.arange(width, device=self.device).expand(len(rows), width)
-        self._set_slots(rows)
-        cache = DynamicCache(config=self.config)
-        # Right padding and no padding mask: causal attention keeps each real position from the padding after it.
-        hidden = self.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
-        last = torch.tensor([n - 1 for n in lens], device=self.device)
-        logits = self.head(hidden[torch.arange(len(rows), device=self.device), last])
+        fused = self.lean is not None and self.lean.kernels is not None
+        parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], list[int]]] = []
+        joining: list[_Request] = []
+        for group in [list(range(len(rows)))] if fused else _length_groups(lens):
+            members = [rows[i] for i in group]
+            cache, logits = self._prefill_forward(members)
+            kept = self._sample_and_send(members, logits)
+            if kept:
+                index = [members.index(r) for r in kept]
+                parts.append((cache, index, [r.cache_len for r in kept]))
+                joining.extend(kept)
+        if parts:
+            self._join(parts)
+            self._running.extend(joining)
+
+    def _prefill_forward(self, rows: list[_Request]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """One forward over these prompts: per layer their keys and values [rows, kv_heads, longest, head_dim]
+        (right-padded), and each one's last-position logits."""
+        lens = [len(r.req.prompt_ids) for r in rows]
+        if self.lean is not None and self.lean.kernels is not None:
+            self.lora_ctx.set_rows([r.slot for r in rows for _ in r.req.prompt_ids], self.device)  # per token
+            ids = torch.tensor([t for r in rows for t in r.req.prompt_ids], dtype=torch.long, device=self.device)
+            hidden, cache = self.lean.prefill_fused(ids, lens)
+            logits = self.head(hidden)
+        else:
+            width = max(lens)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : lens[i]] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
+            ids = ids.to(self.device)
+            positions = torch.arange(width, device=self.device).expand(len(rows), width)
+            self._set_slots(rows)
+            dynamic = DynamicCache(config=self.config)
+            # Right padding and no padding mask: causal attention keeps each real position from the padding after
+            # it.
+            hidden = self.decoder(
+                input_ids=ids, position_ids=positions, cache=dynamic, use_cache=True
+            ).last_hidden_state
+            last = torch.tensor([n - 1 for n in lens], device=self.device)
+            logits = self.head(hidden[torch.arange(len(rows), device=self.device), last])
+            cache = []
+            for layer in _layers(dynamic):
+                assert layer.keys is not None and layer.values is not None
+                cache.append((layer.keys, layer.values))
         self._prefilled += sum(lens)
         for r, n in zip(rows, lens, strict=True):
             r.cache_len = n
             if r.params.repetition_penalty != 1.0:
                 r.seen = torch.tensor(sorted(set(r.req.prompt_ids)), dtype=torch.long, device=self.device)
-        kept = self._sample_and_send(rows, logits)
-        if kept:
-            index = [rows.index(r) for r in kept]
-            self._join(cache, index, [lens[i] for i in index])
-            self._running.extend(kept)
+        return cache, logits
 
-    def _join(self, new: DynamicCache, index: list[int], lens: list[int]) -> None:
-        """Merge rows `index` of a right-padded prefill cache (real lengths `lens`) into the running cache."""
+    def _join(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], list[int]]]) -> None:
+        """Merge rows of right-padded prefill caches into the running cache: per part, its keys and values per
+        layer, the rows of it that join (in order) and their real lengths."""
         old_len = self._cache.get_seq_length() if self._cache is not None else 0
-        width = max(old_len, *lens)
-        rows = torch.tensor(index, device=self.device)
-        # source column of each target column: row i's real positions end at the right edge of `width`
-        shift = torch.tensor([width - n for n in lens], device=self.device)
-        src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
+        width = max(old_len, *(n for _, _, lens in parts for n in lens))
         if self._cache is None:
             self._cache = _running_cache(self.config)
-        for layer, new_layer in zip(_layers(self._cache), _layers(new), strict=True):
-            assert new_layer.keys is not None and new_layer.values is not None
-            parts: dict[str, torch.Tensor] = {}
+        sources = []  # per part: its joining rows and the source column of each target column
+        for _, index, lens in parts:
+            # row i's real positions end at the right edge of `width`
+            shift = torch.tensor([width - n for n in lens], device=self.device)
+            src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
+            sources.append((torch.tensor(index, device=self.device), src))
+        for i, layer in enumerate(_layers(self._cache)):
+            merged: dict[str, torch.Tensor] = {}
             for kind in ("keys", "values"):
-                fresh = getattr(new_layer, kind).index_select(0, rows)
-                gather = src[:, None, :, None].expand(fresh.shape[0], fresh.shape[1], width, fresh.shape[3])
-                fresh = fresh.gather(2, gather)
+                pieces = []
                 old = getattr(layer, kind)
                 if old is not None and old.numel():
                     if old.shape[2] < width:
                         pad = old.new_zeros(old.shape[0], old.shape[1], width - old.shape[2], old.shape[3])
                         old = torch.cat([pad, old], dim=2)
-                    fresh = torch.cat([old, fresh], dim=0)
-                parts[kind] = fresh
-            cast(_GrowingLayer, layer).set(parts["keys"], parts["values"])
+                    pieces.append(old)
+                for (cache, _, _), (rows, src) in zip(parts, sources, strict=True):
+                    fresh = cache[i][0 if kind == "keys" else 1].index_select(0, rows)
+                    gather = src[:, None, :, None].expand(fresh.shape[0], fresh.shape[1], width, fresh.shape[3])
+                    pieces.append(fresh.gather(2, gather))
+                merged[kind] = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+            cast(_GrowingLayer, layer).set(merged["keys"], merged["values"])
 
     def _leave(self, rows: list[_Request], error: BaseException | None = None) -> None:
         """Take `rows` out of the running batch and its cache; cut padding columns no remaining row needs."""
@@ -582,11 +660,15 @@ class TransformersEngine:
         ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
         lens = torch.tensor([r.cache_len for r in rows], dtype=torch.long, device=self.device)
         positions = lens[:, None]
-        mask = self._decode_mask(width, lens)
         self._set_slots(rows)
-        if self.lean is not None:
+        if self.lean is not None and self.lean.kernels is not None:
+            hidden = self.lean.forward_fused(ids, positions, width - lens, _layers(self._cache), self.lora_ctx)
+            logits = self.head(hidden)
+        elif self.lean is not None:
+            mask = self._decode_mask(width, lens)
             logits = self.head(self.lean.forward(ids, positions, mask, _layers(self._cache)))
         else:
+            mask = self._decode_mask(width, lens)
             hidden = self.decoder(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True
             ).last_hidden_state
@@ -608,30 +690,33 @@ class TransformersEngine:
 
     def _sample_and_send(self, rows: list[_Request], logits: torch.Tensor) -> list[_Request]:
         """Pick each row's next token, stream it; returns the rows that go on (the others are ended here)."""
-        logits = logits.float()
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
-        if constrained:
-            mask_rows(logits, constrained)
         k_max = max(r.params.top_logprobs for r in rows)
-        # the whole log-softmax [rows, vocab] only when alternatives are asked for; a token's own log-probability
-        # is its logit minus the row's logsumexp (one reduction, no [rows, vocab] result to write)
-        logprobs = torch.log_softmax(logits, dim=-1) if k_max else None
-        top = logprobs.topk(min(k_max, self.vocab_size), dim=-1) if logprobs is not None else None
-        greedy = logits.max(dim=-1).indices  # argmax (first maximum), ~2.5x faster on CPU than `argmax`
-        chosen: list[int] = []
-        for i, r in enumerate(rows):
-            p = r.params
-            if p.temperature == 0 and p.repetition_penalty == 1.0:
-                chosen.append(-1)  # filled from `greedy` below, without a sync per row
-                continue
-            chosen.append(self._pick(r, logits[i]))
-        greedy_list = greedy.tolist()
-        tokens = [greedy_list[i] if c < 0 else c for i, c in enumerate(chosen)]
-        token_t = torch.tensor(tokens, device=self.device)
-        if logprobs is not None:
-            token_lp = logprobs.gather(1, token_t[:, None])[:, 0].tolist()
+        plain = [r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in rows]
+        top = None
+        if self.kernels is not None and all(plain) and not constrained and not k_max and logits.is_contiguous():
+            # every row greedy, nothing but its own log-probability asked: one kernel pass over the raw logits
+            index, maximum, lse = self.kernels.argmax_logsumexp(logits)
+            tokens, token_lp = index.tolist(), (maximum - lse).tolist()
+            token_t = index
         else:
-            token_lp = (logits.gather(1, token_t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+            logits = logits.float()
+            if constrained:
+                mask_rows(logits, constrained)
+            # the whole log-softmax [rows, vocab] only when alternatives are asked for; a token's own
+            # log-probability is its logit minus the row's logsumexp (one reduction, no [rows, vocab] result)
+            logprobs = torch.log_softmax(logits, dim=-1) if k_max else None
+            top = logprobs.topk(min(k_max, self.vocab_size), dim=-1) if logprobs is not None else None
+            greedy = logits.max(dim=-1).indices  # argmax (first maximum), ~2.5x faster on CPU than `argmax`
+            # greedy rows are filled from `greedy` below, without a sync per row
+            chosen = [-1 if plain[i] else self._pick(r, logits[i]) for i, r in enumerate(rows)]
+            greedy_list = greedy.tolist()
+            tokens = [greedy_list[i] if c < 0 else c for i, c in enumerate(chosen)]
+            token_t = torch.tensor(tokens, device=self.device)
+            if logprobs is not None:
+                token_lp = logprobs.gather(1, token_t[:, None])[:, 0].tolist()
+            else:
+                token_lp = (logits.gather(1, token_t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
         top_vals = top.values.tolist() if top is not None else None
         top_ids = top.indices.tolist() if top is not None else None
         going_on: list[_Request] = []

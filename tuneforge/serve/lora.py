@@ -47,6 +47,7 @@ class LoraContext:
         self.single: int | None = 0  # the slot of every row, when they all share one
         self.idx: torch.Tensor | None = None  # long [rows], for a mixed batch
         self.onehot: torch.Tensor | None = None  # [rows, slots] 0/1, for a mixed batch
+        self.version = 0  # counts adapter writes (slots set, cleared, widened): stacks derived from them expire
 
     def set_rows(self, slots: list[int], device: torch.device) -> None:
         first = slots[0] if slots else 0
@@ -137,6 +138,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = torch.cat([a, pad_a], dim=1)
         self.lora_B = torch.cat([b, pad_b], dim=2)
         self._stacks = None
+        self.ctx.version += 1
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Write one adapter's A [r, in] and B [out, r] (peft's lora_A / lora_B weights) into `slot`."""
@@ -149,6 +151,7 @@ class MultiLoraLinear(nn.Module):
         self.scale[slot] = scale
         self.active[slot] = True
         self._stacks = None
+        self.ctx.version += 1
 
     def clear_slot(self, slot: int) -> None:
         if self.rank:
@@ -157,6 +160,7 @@ class MultiLoraLinear(nn.Module):
         self.scale[slot] = 0.0
         self.active[slot] = False
         self._stacks = None
+        self.ctx.version += 1
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[S * r, in] and [S * r, out] views of every slot's A and (scaled) B^T, for the stacked computation."""

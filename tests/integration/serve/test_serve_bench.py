@@ -27,6 +27,7 @@ def test_quick_tiny_bench_prints_the_figures(tmp_path):
     for key in ("x32_vs_x1", "mixed_vs_single", "bound_share", "dtype", "base_x32_tok_s", "mixed_x32_ttft_p99_ms"):
         assert key in last
     assert last["base_x32_tok_s"] > 0 and last["model"] == "tiny"
+    assert last["fused_kernels"] is True  # the tiny llama on this CPU: the kernels build (the set-up built them)
 
 
 @pytest.mark.timeout(280)
