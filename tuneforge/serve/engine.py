@@ -126,6 +126,12 @@ class _GrowingLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        """Hold these buffers [rows, heads, capacity, dim] as they are, their first `n` columns in use."""
+        self._k, self._v = keys, values
+        self.keys, self.values = keys[:, :, :n], values[:, :, :n]
+        self.device, self.is_initialized = keys.device, True
+
     def reserve(self, q: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Make room for `q` more columns and count them in (the caller writes them): the key and value buffers
         [rows, heads, capacity, dim] and the index of the first new column."""
@@ -572,9 +578,10 @@ class TransformersEngine:
         (right-padded), and each one's last-position logits."""
         lens = [len(r.req.prompt_ids) for r in rows]
         if self.lean is not None and self.lean.kernels is not None:
-            self.lora_ctx.set_rows([r.slot for r in rows for _ in r.req.prompt_ids], self.device)  # per token
+            slots = [r.slot for r in rows for _ in r.req.prompt_ids]  # per token
+            self.lora_ctx.set_rows(slots, self.device)  # for the wrappers, where the kernels cannot take them
             ids = torch.tensor([t for r in rows for t in r.req.prompt_ids], dtype=torch.long, device=self.device)
-            hidden, cache = self.lean.prefill_fused(ids, lens)
+            hidden, cache = self.lean.prefill_fused(ids, lens, torch.tensor(slots, dtype=torch.long))
             logits = self.head(hidden)
         else:
             width = max(lens)
@@ -605,33 +612,30 @@ class TransformersEngine:
 
     def _join(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], list[int]]]) -> None:
         """Merge rows of right-padded prefill caches into the running cache: per part, its keys and values per
-        layer, the rows of it that join (in order) and their real lengths."""
+        layer, the rows of it that join (in order) and their real lengths. Each layer's new buffers are written
+        once: the running rows shifted right by the width they gain, each new row's real columns at the right end
+        (one copy per row: no gather, concatenation or second copy into room to grow), zeros elsewhere."""
         old_len = self._cache.get_seq_length() if self._cache is not None else 0
         width = max(old_len, *(n for _, _, lens in parts for n in lens))
         if self._cache is None:
             self._cache = _running_cache(self.config)
-        sources = []  # per part: its joining rows and the source column of each target column
-        for _, index, lens in parts:
-            # row i's real positions end at the right edge of `width`
-            shift = torch.tensor([width - n for n in lens], device=self.device)
-            src = (torch.arange(width, device=self.device)[None, :] - shift[:, None]).clamp(min=0)
-            sources.append((torch.tensor(index, device=self.device), src))
+        old_rows = len(self._running)
+        rows = old_rows + sum(len(index) for _, index, _ in parts)
         for i, layer in enumerate(_layers(self._cache)):
-            merged: dict[str, torch.Tensor] = {}
-            for kind in ("keys", "values"):
-                pieces = []
-                old = getattr(layer, kind)
+            buffers = []
+            for k, old in enumerate((layer.keys, layer.values)):
+                like = parts[0][0][i][k]
+                buffer = like.new_zeros(rows, like.shape[1], width + _GrowingLayer.ROOM, like.shape[3])
                 if old is not None and old.numel():
-                    if old.shape[2] < width:
-                        pad = old.new_zeros(old.shape[0], old.shape[1], width - old.shape[2], old.shape[3])
-                        old = torch.cat([pad, old], dim=2)
-                    pieces.append(old)
-                for (cache, _, _), (rows, src) in zip(parts, sources, strict=True):
-                    fresh = cache[i][0 if kind == "keys" else 1].index_select(0, rows)
-                    gather = src[:, None, :, None].expand(fresh.shape[0], fresh.shape[1], width, fresh.shape[3])
-                    pieces.append(fresh.gather(2, gather))
-                merged[kind] = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
-            cast(_GrowingLayer, layer).set(merged["keys"], merged["values"])
+                    buffer[:old_rows, :, width - old.shape[2] : width] = old
+                row = old_rows
+                for cache, index, lens in parts:
+                    fresh = cache[i][k]
+                    for j, n in zip(index, lens, strict=True):
+                        buffer[row, :, width - n : width] = fresh[j, :, :n]
+                        row += 1
+                buffers.append(buffer)
+            cast(_GrowingLayer, layer).adopt(buffers[0], buffers[1], width)
 
     def _leave(self, rows: list[_Request], error: BaseException | None = None) -> None:
         """Take `rows` out of the running batch and its cache; cut padding columns no remaining row needs."""
@@ -662,8 +666,8 @@ class TransformersEngine:
         positions = lens[:, None]
         self._set_slots(rows)
         if self.lean is not None and self.lean.kernels is not None:
-            hidden = self.lean.forward_fused(ids, positions, width - lens, _layers(self._cache), self.lora_ctx)
-            logits = self.head(hidden)
+            slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
+            logits = self.head(self.lean.forward_fused(ids, positions, width - lens, _layers(self._cache), slots))
         elif self.lean is not None:
             mask = self._decode_mask(width, lens)
             logits = self.head(self.lean.forward(ids, positions, mask, _layers(self._cache)))

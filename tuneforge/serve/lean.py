@@ -17,11 +17,12 @@ and the attention are re-written (`forward`, decoding steps only).
 
 On the CPU, where the fused kernels of `serve/kernels` build, decoding steps and prefills go through them instead
 (`forward_fused`, `prefill_fused`): per layer one kernel call each for the residual add with the RMS norm after it,
-the rotary embedding with the cache write, the attention over the cache in place, and SiLU-and-multiply; and the
-projections as four matmuls on the base weights (q/k/v and gate/up fused), each with one low-rank term for the
-adapters of its rows (`_lora_weights`). A prefill runs its prompts packed end to end, padded only for attention.
-Measured (bench/serve_throughput.py, SmolLM2 bf16, 2 cores, 32 streams): a decoding step 81 -> 47 ms, a prefill
-of 32 prompts 1.0 -> 0.64 s.
+the rotary embedding with the cache write, the attention over the cache in place, and SiLU-and-multiply; the
+projections as four matmuls on the base weights (q/k/v and gate/up fused), and for rows that use adapters one
+gathered low-rank kernel call per projection (each row its own adapter's A and B, `DecodeKernels.lora_rows`) in
+place of the wrappers' stacked terms. A prefill runs its prompts packed end to end, padded only for attention.
+Measured (bench/serve_throughput.py, SmolLM2 bf16, 2 cores, 32 streams): a decoding step 81 -> ~47 ms, a prefill
+of 32 prompts 1.0 -> ~0.64 s; over 8 adapters 245 -> ~340 tok/s.
 
 Used only where `LeanDecoder.supports` holds: llama / qwen2 / mistral blocks (pre-norm, rotary, gated MLP, no q/k
 norms, no soft-capping; the engine has already refused sliding-window layers); the kernels also need llama's RMS
@@ -57,9 +58,7 @@ class LeanDecoder:
         # every weight in the kernels' dtype (they read the norms' weights as such)
         fits = kernels is not None and self.fusable(model) and {p.dtype for p in model.parameters()} == {kernels.dtype}
         self.kernels = kernels if fits else None
-        self._plain: list[tuple[Any, ...]] | None = None  # built at the first batch with no adapter
-        self._lora: dict[int | None, list[list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None]]] = {}
-        self._lora_version = -1
+        self._plain: list[_Projections] | None = None  # built at the first fused forward
 
     @staticmethod
     def fusable(model: Any) -> bool:
@@ -123,14 +122,13 @@ class LeanDecoder:
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
         return self.decoder.norm(x)
 
-    def _plain_weights(self) -> list[tuple[Any, ...]] | None:
-        """Per layer, the base weights as the multi-LoRA wrappers hold them (`serve/lora.py`): the fused q/k/v and
-        gate/up matrices with their split sizes, o and down; None where the projections are not wrapped that way.
-        A batch with no adapter runs these directly: four matmuls a layer, no wrapper calls."""
+    def _projections(self) -> list[_Projections] | None:
+        """Per layer, the projections as the multi-LoRA wrappers hold them (`serve/lora.py`); None where they are
+        not wrapped that way (the fused path then calls the modules)."""
         if self._plain is None:
             from tuneforge.serve.lora import MultiLoraLinear
 
-            plain: list[tuple[Any, ...]] = []
+            plain: list[_Projections] = []
             for layer in self.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 mods = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -141,95 +139,23 @@ class LeanDecoder:
                 if q.fused is None or gate.fused is None or k.fused is None or up.fused is None:
                     self._plain = []
                     return None
-                qkv, gu = q.fused[0], gate.fused[0]
-                plain.append((qkv.weight, qkv.bias, [q.out_features, k.out_features, v.out_features],
-                              o.base.weight, o.base.bias, gu.weight, gu.bias, gate.out_features,
-                              down.base.weight, down.base.bias))  # fmt: skip
+                plain.append(_Projections(q, k, v, o, gate, up, down))
             self._plain = plain
         return self._plain or None
 
-    def _lora_weights(
-        self, ctx: Any, slot: int | None
-    ) -> list[list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None]]:
-        """Per layer, per projection group (q/k/v, o, gate/up, down, as in `_plain_weights`), the low-rank weights
-        of one adapter (`slot`) or of every loaded one (None) for the whole group: A [sum of r (x S), in], the
-        members' A's stacked, and B [sum of r (x S), group out], their scaled B^T's placed block-diagonally (each
-        member's rows feed only its own output columns: zeros elsewhere add nothing), and the members' ranks; None
-        where no member holds an adapter. Built once per adapter set (`LoraContext.version`) and slot."""
-        if self._lora_version != ctx.version:
-            self._lora, self._lora_version = {}, ctx.version
-        if slot in self._lora:
-            return self._lora[slot]
-        groups: list[list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None]] = []
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            per_layer: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None] = []
-            for members in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
-                            (mlp.down_proj,)):  # fmt: skip
-                out_total = sum(m.out_features for m in members)
-                parts, offset = [], 0
-                for m in members:
-                    if m.rank and (m.active[slot] if slot is not None else any(m.active)):
-                        parts.append((m, offset))
-                    offset += m.out_features
-                if not parts:
-                    per_layer.append(None)
-                    continue
-                if slot is None:
-                    stacks = [m.stacks() for m, _ in parts]  # [S x r, in], [S x r, out]
-                else:
-                    stacks = [(m.lora_A[slot], m.lora_B[slot].t()) for m, _ in parts]  # [r, in], [r, out]
-                a = torch.cat([a_m for a_m, _ in stacks])
-                b = a.new_zeros(a.shape[0], out_total)
-                row = 0
-                for (m, col), (_, b_m) in zip(parts, stacks, strict=True):
-                    b[row : row + b_m.shape[0], col : col + m.out_features] = b_m
-                    row += b_m.shape[0]
-                per_layer.append((a, b, tuple(m.rank for m, _ in parts)))
-            groups.append(per_layer)
-        self._lora[slot] = groups
-        return groups
-
     def forward_fused(
         self, ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, layers: list[Any],
-        lora_ctx: Any = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """`forward` through the fused kernels (`self.kernels` is set): row r attends to columns [starts[r], W] of
         its cache (W = the cache's width before this step; the columns before starts[r] are its padding). The cache
         `layers` give room for the new column with `reserve(1)` -> (key buffer, value buffer, its column index).
-        `lora_ctx`: the multi-LoRA context whose rows' slots this batch uses (`serve/lora.py`); with it, the
-        projections run as four matmuls a layer on the base weights (`_plain_weights`), each followed, where a row
-        uses an adapter, by one low-rank term for its whole group (`_lora_weights`: x A^T, masked to each row's own
-        slot, times B), in place of seven wrapper calls of a matmul and a low-rank term each."""
+        `slots`: each row's adapter slot (int64 [rows], 0: the base model; None: every row the base model).
+        The projections run as four matmuls a layer on the base weights (q/k/v and gate/up fused), and where a row
+        uses an adapter, one gathered low-rank kernel call per projection (`DecodeKernels.lora_rows`)."""
         kernels = self.kernels
         assert kernels is not None
-        weights = self._plain_weights() if lora_ctx is not None else None
-        lora = None
-        masks: dict[tuple[int, ...], torch.Tensor] | None = None
-        if weights is not None and lora_ctx.single is not None and lora_ctx.single != 0:
-            lora = self._lora_weights(lora_ctx, lora_ctx.single)  # one adapter: its own weights, no mask
-        elif weights is not None and lora_ctx.single is None:
-            lora = self._lora_weights(lora_ctx, None)
-            slot_mask = lora_ctx.onehot.to(self.decoder.embed_tokens.weight.dtype)
-            # by the members' ranks: each row keeps its own slot's columns of x A^T (S x r per member)
-            masks = {}
-            for per_layer in lora:
-                for term in per_layer:
-                    if term is not None and term[2] not in masks:
-                        masks[term[2]] = torch.cat([slot_mask.repeat_interleave(r, dim=1) for r in term[2]], dim=1)
-        linear = torch.nn.functional.linear
-
-        def project(x_in: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, i: int, g: int) -> torch.Tensor:
-            y = linear(x_in, w, b)
-            term = lora[i][g] if lora is not None else None
-            if term is not None:
-                a, bb, ranks = term
-                low = linear(x_in, a)
-                if masks is not None:
-                    low.mul_(masks[ranks])
-                y.addmm_(low, bb)
-            return y
-
+        project = self._projector(slots)
         rows, d, heads, kvh = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         x = self.decoder.embed_tokens(ids[:, 0])  # [rows, hidden], the residual stream, updated in place
         cos, sin = self.decoder.rotary_emb(x, positions)
@@ -240,42 +166,41 @@ class LeanDecoder:
         act: torch.Tensor | None = None
         pending: torch.Tensor | None = None  # the last down projection, added to x by the next norm
         for i, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            attn, mlp = layer.self_attn, layer.mlp
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             kernels.rms_norm(x, pending, norm1.weight, h, norm1.variance_epsilon)
-            if weights is not None:
-                w_qkv, b_qkv, qkv_sizes, w_o, b_o, w_gu, b_gu, n_gate, w_down, b_down = weights[i]
-                q, k, v = project(h, w_qkv, b_qkv, i, 0).split(qkv_sizes, dim=1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = project.qkv(i, h)
             kbuf, vbuf, col = cache.reserve(1)
             kernels.rotary_append(q, k, v, cos, sin, q_rot, kbuf, vbuf, col, heads, kvh)
             kernels.attend(q_rot, kbuf, vbuf, starts, col + 1, attended, heads, kvh, self.scaling)
-            o = project(attended, w_o, b_o, i, 1) if weights is not None else attn.o_proj(attended)
-            kernels.rms_norm(x, o, norm2.weight, h, norm2.variance_epsilon)
-            if weights is not None:
-                gu = project(h, w_gu, b_gu, i, 2)
-                gate, up = gu[:, :n_gate], gu[:, n_gate:]
-            else:
-                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            kernels.rms_norm(x, project.o(i, attended), norm2.weight, h, norm2.variance_epsilon)
+            gate, up = project.gate_up(i, h)
             if act is None:
                 act = x.new_empty(rows, gate.shape[1])
             kernels.silu_mul(gate, up, act)
-            pending = project(act, w_down, b_down, i, 3) if weights is not None else mlp.down_proj(act)
+            pending = project.down(i, act)
         out = torch.empty_like(x)
         kernels.rms_norm(x, pending, self.decoder.norm.weight, out, self.decoder.norm.variance_epsilon)
         return out
 
-    def prefill_fused(
-        self, ids: torch.Tensor, lens: list[int]
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Prefill prompts packed end to end (`ids` [N], the prompts' lengths `lens`) through the fused kernels:
-        the norms, projections and MLP run once over the N real tokens (no padding rows in any matmul); attention
-        runs on the prompts right-padded to the longest (causal, so no real position sees the padding). Returns the
-        last position's hidden state per prompt [prompts, hidden] after the final norm, and per layer the keys and
-        values [prompts, kv_heads, longest, head_dim], right-padded (the engine's prefill cache layout)."""
+    def _projector(self, slots: torch.Tensor | None) -> _Projector:
         kernels = self.kernels
         assert kernels is not None
+        if slots is not None and not bool((slots > 0).any()):
+            slots = None
+        return _Projector(self.layers, self._projections(), kernels, slots)
+
+    def prefill_fused(
+        self, ids: torch.Tensor, lens: list[int], slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Prefill prompts packed end to end (`ids` [N], the prompts' lengths `lens`, `slots` each token's adapter
+        slot as in `forward_fused`) through the fused kernels: the norms, projections and MLP run once over the N
+        real tokens (no padding rows in any matmul); attention runs on the prompts right-padded to the longest
+        (causal, so no real position sees the padding). Returns the last position's hidden state per prompt
+        [prompts, hidden] after the final norm, and per layer the keys and values [prompts, kv_heads, longest,
+        head_dim], right-padded (the engine's prefill cache layout)."""
+        kernels = self.kernels
+        assert kernels is not None
+        project = self._projector(slots)
         device, n, width = ids.device, len(lens), max(lens)
         total, d, heads, kvh = ids.shape[0], self.head_dim, self.heads, self.kv_heads
         starts = [0]
@@ -297,33 +222,97 @@ class LeanDecoder:
         act: torch.Tensor | None = None
         pending: torch.Tensor | None = None
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+
+        def pad(t: torch.Tensor, h_: int) -> torch.Tensor:  # [N, h_, D] -> [prompts, h_, width, D]
+            return t.view(total, h_, d).index_select(0, padded).view(n, width, h_, d).transpose(1, 2)
+
+        for i, layer in enumerate(self.layers):
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             kernels.rms_norm(x, pending, norm1.weight, h, norm1.variance_epsilon)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = project.qkv(i, h)
             k_rot = x.new_empty(total, kvh, 1, d)
             v_all = x.new_empty(total, kvh, 1, d)
             kernels.rotary_append(q, k, v, cos, sin, q_rot, k_rot, v_all, 0, heads, kvh)
-
-            def pad(t: torch.Tensor, h_: int) -> torch.Tensor:  # [N, h_, D] -> [prompts, h_, width, D]
-                return t.view(total, h_, d).index_select(0, padded).view(n, width, h_, d).transpose(1, 2)
-
             keys, values = pad(k_rot, kvh).contiguous(), pad(v_all, kvh).contiguous()
             out = torch.nn.functional.scaled_dot_product_attention(
                 pad(q_rot, heads), keys, values, is_causal=True, scale=self.scaling, enable_gqa=kvh != heads
             )  # [prompts, heads, width, D]
             attended = out.transpose(1, 2).reshape(n * width, heads * d).index_select(0, packed)
             cache.append((keys, values))
-            kernels.rms_norm(x, attn.o_proj(attended), norm2.weight, h, norm2.variance_epsilon)
-            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            kernels.rms_norm(x, project.o(i, attended), norm2.weight, h, norm2.variance_epsilon)
+            gate, up = project.gate_up(i, h)
             if act is None:
                 act = x.new_empty(total, gate.shape[1])
             kernels.silu_mul(gate, up, act)
-            pending = mlp.down_proj(act)
+            pending = project.down(i, act)
         assert pending is not None
         x_last = x.index_select(0, last)
         final = torch.empty_like(x_last)
         kernels.rms_norm(x_last, pending.index_select(0, last), self.decoder.norm.weight, final,
                          self.decoder.norm.variance_epsilon)  # fmt: skip
         return final, cache
+
+
+class _Projections:
+    """One layer's multi-LoRA projection wrappers, and the base weights they share: q/k/v and gate/up as one
+    matrix each (`serve/lora._FusedGroup`), o and down."""
+
+    def __init__(self, q: Any, k: Any, v: Any, o: Any, gate: Any, up: Any, down: Any) -> None:
+        qkv, gu = q.fused[0], gate.fused[0]
+        self.qkv = (qkv.weight, qkv.bias, [q.out_features, k.out_features, v.out_features], (q, k, v))
+        self.o = (o.base.weight, o.base.bias, o)
+        self.gate_up = (gu.weight, gu.bias, gate.out_features, (gate, up))
+        self.down = (down.base.weight, down.base.bias, down)
+
+
+class _Projector:
+    """The projections of the fused forwards for one batch: each row's adapter `slots` (None: the base model only).
+    With the wrappers' weights (`projections`), a base matmul each, plus the gathered low-rank term of each wrapper
+    that holds an adapter; without them, the wrappers themselves (their own LoRA terms, by the engine's
+    `LoraContext`)."""
+
+    def __init__(self, layers: list[Any], projections: list[_Projections] | None, kernels: DecodeKernels,
+                 slots: torch.Tensor | None) -> None:  # fmt: skip
+        self.layers, self.projections, self.kernels, self.slots = layers, projections, kernels, slots
+
+    def _lora(self, x: torch.Tensor, y: torch.Tensor, module: Any) -> None:
+        if self.slots is not None and module.rank and any(module.active):
+            a_all, bt_all = module.stacks()
+            self.kernels.lora_rows(x, y, a_all, bt_all, self.slots, module.rank)
+
+    def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.projections is None:
+            attn = self.layers[i].self_attn
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        weight, bias, sizes, members = self.projections[i].qkv
+        q, k, v = torch.nn.functional.linear(h, weight, bias).split(sizes, dim=1)
+        for y, module in zip((q, k, v), members, strict=True):
+            self._lora(h, y, module)
+        return q, k, v
+
+    def o(self, i: int, attended: torch.Tensor) -> torch.Tensor:
+        if self.projections is None:
+            return self.layers[i].self_attn.o_proj(attended)
+        weight, bias, module = self.projections[i].o
+        y = torch.nn.functional.linear(attended, weight, bias)
+        self._lora(attended, y, module)
+        return y
+
+    def gate_up(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.projections is None:
+            mlp = self.layers[i].mlp
+            return mlp.gate_proj(h), mlp.up_proj(h)
+        weight, bias, n_gate, (gate_m, up_m) = self.projections[i].gate_up
+        both = torch.nn.functional.linear(h, weight, bias)
+        gate, up = both[:, :n_gate], both[:, n_gate:]
+        self._lora(h, gate, gate_m)
+        self._lora(h, up, up_m)
+        return gate, up
+
+    def down(self, i: int, act: torch.Tensor) -> torch.Tensor:
+        if self.projections is None:
+            return self.layers[i].mlp.down_proj(act)
+        weight, bias, module = self.projections[i].down
+        y = torch.nn.functional.linear(act, weight, bias)
+        self._lora(act, y, module)
+        return y

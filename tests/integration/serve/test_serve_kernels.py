@@ -143,7 +143,7 @@ def test_a_failed_build_says_why_and_leaves_nothing(monkeypatch, tmp_path):
     broken = tmp_path / "decode.cpp"
     broken.write_text("this is not C++;\n")
     monkeypatch.setattr(kernels, "SOURCE", broken)
-    with pytest.raises(RuntimeError, match="building decode.cpp failed"):
+    with pytest.raises(RuntimeError, match=r"building decode\.cpp failed"):
         kernels.build(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []  # no partial library to load later
 
@@ -158,3 +158,29 @@ def test_without_a_compiler_the_engine_keeps_torch_operations(monkeypatch, tmp_p
         assert "no C++ compiler" in caplog.text
     finally:
         kernels._library.cache_clear()  # the next caller builds (or finds) the real library again
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_rows_applies_each_rows_own_adapter(dtype):
+    """The gathered low-rank term against a per-row reference: slot 0 rows untouched, every other row its own
+    slot's (x A^T) B^T added, into a column view of a wider output (as the q/k/v members of the fused matmul)."""
+    torch.manual_seed(5)
+    slots_n, r, d_in, d_out, rows = 4, 8, 40, 24, 9
+    a = torch.randn(slots_n, r, d_in).to(dtype)
+    b = torch.randn(slots_n, d_out, r).to(dtype)
+    a[0], b[0] = 0, 0
+    x = torch.randn(rows, d_in).to(dtype)
+    wide = torch.randn(rows, d_out + 10).to(dtype)
+    y = wide[:, 5 : 5 + d_out]
+    slots = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 2])
+    want = y.float().clone()
+    for i, s in enumerate(slots.tolist()):
+        if s:
+            want[i] += (x[i].float() @ a[s].float().t()) @ b[s].float().t()
+    before = wide.clone()
+    a_all = a.reshape(slots_n * r, d_in).contiguous()
+    bt_all = b.permute(0, 2, 1).reshape(slots_n * r, d_out).contiguous()
+    _kernels(dtype).lora_rows(x, y, a_all, bt_all, slots, r)
+    _close(y, want.to(dtype), dtype, ulps=2.0)
+    assert torch.equal(y[0], before[0, 5 : 5 + d_out]) and torch.equal(y[5], before[5, 5 : 5 + d_out])
+    assert torch.equal(wide[:, :5], before[:, :5]) and torch.equal(wide[:, 5 + d_out :], before[:, 5 + d_out :])

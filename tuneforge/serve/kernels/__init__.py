@@ -7,8 +7,11 @@ per row: ~500 us per layer, reading ~3 MB of cache at ~6 GB/s) and some 1,500 sm
 seven operations, rotary embedding, residual adds, the cache writes), each a dispatch of 5-15 us on a [32, 576]
 tensor. These kernels do each of those in one call: RMS norm with the residual add before it, rotary embedding
 with the cache write, decode attention reading the strided cache in place (the rows x key/value heads spread over
-torch's own OpenMP threads: the library links the `libgomp.so.1` torch has loaded), and SiLU-and-multiply. The
-matmuls stay torch's (oneDNN / AMX), as does everything else the model does.
+torch's own OpenMP threads: the library links the `libgomp.so.1` torch has loaded), and SiLU-and-multiply. Two
+more serve the rest of a step: each row's own adapter's low-rank term gathered by slot (`lora_rows`: a mixed batch
+costs what one adapter does, where the stacked matmuls of `serve/lora.py` cost every slot's), and a greedy step's
+token and log-probability in one pass over the raw logits (`argmax_logsumexp`). The matmuls stay torch's (oneDNN /
+AMX), as does everything else the model does.
 
 Numerics: each kernel rounds to the storage dtype where the torch operations it replaces round (bf16: round to
 nearest even) and computes in fp32 in between, so the results equal transformers' up to the order of fp32 sums
@@ -48,6 +51,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "attend": [_P, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int],
     "silu_mul": [_P, _I, _P, _I, _P, _I, _I, ctypes.c_int],
     "argmax_logsumexp": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int],
+    "lora_rows": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -115,6 +119,7 @@ class DecodeKernels:
         self._attend = fns["attend"]
         self._silu_mul = fns["silu_mul"]
         self._argmax_logsumexp = fns["argmax_logsumexp"]
+        self._lora_rows = fns["lora_rows"]
 
     def rms_norm(self, x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
                  eps: float) -> None:  # fmt: skip
@@ -168,6 +173,15 @@ class DecodeKernels:
             lse.data_ptr(), self.threads,
         )  # fmt: skip
         return index, maximum, lse
+
+    def lora_rows(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
+                  rank: int) -> None:  # fmt: skip
+        """y[i] += (x[i] A_s^T) B_s^T in place, s = slots[i] (int64, 0: none): x [rows, in], y [rows, out] (row
+        strided views allowed), a [S * rank, in] and bt [S * rank, out] contiguous, slot-major."""
+        self._lora_rows(
+            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(), bt.data_ptr(), slots.data_ptr(),
+            x.shape[0], rank, x.shape[1], y.shape[1], self.threads,
+        )  # fmt: skip
 
 
 @functools.cache

@@ -448,6 +448,54 @@ int64_t i = 0;
     }
 }
 
+// y[row] += (x[row] A_s^T) B_s^T for each row's adapter slot s = slots[row] (slot 0: the base model, skipped), in
+// place: a [S * r, in] holds every slot's A (slot-major), bt [S * r, out] every slot's scaled B^T (as
+// `MultiLoraLinear.stacks`). Each row reads only its own slot's r x (in + out) weights (a gathered matrix-vector
+// product, as Punica's BGMV): the low-rank term of a mixed batch costs what one adapter's does. fp32 in between; y
+// rounded once.
+template <class K>
+void lora_rows(const typename K::T* x, int64_t sx, typename K::T* y, int64_t sy, const typename K::T* a,
+               const typename K::T* bt, const int64_t* slots, int64_t rows, int64_t r, int64_t in, int64_t out,
+               int threads) {
+    using T = typename K::T;
+#pragma omp parallel num_threads(threads) if (rows * r * (in + out) >= 8 * kParallelElements)
+    {
+        std::vector<float> xf(static_cast<size_t>(in)), h(static_cast<size_t>(r));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) {
+            const int64_t s = slots[row];
+            if (s <= 0) continue;
+            const T* xr = x + row * sx;
+            int64_t i = 0;
+            for (; i + 16 <= in; i += 16) store16(xf.data() + i, load16(xr + i));
+            for (; i < in; ++i) xf[i] = K::load(xr[i]);
+            for (int64_t k = 0; k < r; ++k) {
+                const T* ak = a + (s * r + k) * in;
+                v16f acc = v16f{};
+                float tail = 0.0f;
+                for (i = 0; i + 16 <= in; i += 16) acc += load16(xf.data() + i) * load16(ak + i);
+                for (; i < in; ++i) tail += xf[i] * K::load(ak[i]);
+                float dot = tail;
+                for (int l = 0; l < 16; ++l) dot += acc[l];
+                h[k] = dot;
+            }
+            T* yr = y + row * sy;
+            const T* bs = bt + s * r * out;
+            int64_t j = 0;
+            for (; j + 16 <= out; j += 16) {
+                v16f v = v16f{};
+                for (int64_t k = 0; k < r; ++k) v += h[k] * load16(bs + k * out + j);
+                store16(yr + j, load16(yr + j) + v);
+            }
+            for (; j < out; ++j) {
+                float v = 0.0f;
+                for (int64_t k = 0; k < r; ++k) v += h[k] * K::load(bs[k * out + j]);
+                yr[j] = K::store(K::load(yr[j]) + v);
+            }
+        }
+    }
+}
+
 // Per row of logits [rows, n]: the first index of the maximum, the maximum, and log(sum(exp(x))) (fp32), for
 // greedy rows: the token, and its log-probability = maximum - logsumexp, in two passes over the row.
 template <class K>
@@ -520,6 +568,17 @@ void argmax_logsumexp(const typename K::T* logits, int64_t stride, int64_t rows,
         argmax_logsumexp<KIND>(static_cast<const KIND::T*>(logits), stride, rows, n, index, maximum, lse, threads);  \
     }
 
+#define TF_EXPORT_LORA(suffix, KIND)                                                                                 \
+    extern "C" void tf_lora_rows_##suffix(const void* x, int64_t sx, void* y, int64_t sy, const void* a,             \
+                                          const void* bt, const int64_t* slots, int64_t rows, int64_t r, int64_t in, \
+                                          int64_t out, int threads) {                                                \
+        using T = KIND::T;                                                                                           \
+        lora_rows<KIND>(static_cast<const T*>(x), sx, static_cast<T*>(y), sy, static_cast<const T*>(a),             \
+                        static_cast<const T*>(bt), slots, rows, r, in, out, threads);                                \
+    }
+
+TF_EXPORT_LORA(f32, F32)
+TF_EXPORT_LORA(bf16, BF16)
 TF_EXPORT_SAMPLING(f32, F32)
 TF_EXPORT_SAMPLING(bf16, BF16)
 TF_EXPORT(f32, F32)
