@@ -28,6 +28,14 @@ def test_a_child_inherits_the_servers_settings_but_not_its_keys() -> None:
     assert OPERATOR_KEY not in "".join(env.values()) and "db-password" not in "".join(env.values())
 
 
+def test_children_wait_passively_except_model_servers(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert child_environment()["OMP_WAIT_POLICY"] == "PASSIVE"  # training and preparation processes
+    assert "OMP_WAIT_POLICY" not in child_environment(spin_wait=True)  # OpenMP's default: a short spin, then sleep
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's choice reaches every child
+    assert child_environment()["OMP_WAIT_POLICY"] == child_environment(spin_wait=True)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 @pytest.mark.usefixtures("operator_env")
 @pytest.mark.parametrize(
     ("server_key", "job_key", "job_url", "expected"),

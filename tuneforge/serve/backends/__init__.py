@@ -27,7 +27,7 @@ def transformers_command(settings: Settings, source: ModelSource, port: int) -> 
     ]  # fmt: skip
     if settings.serve_threads:
         command += ["--threads", str(settings.serve_threads)]
-    return command, child_environment()
+    return command, child_environment(spin_wait=True)
 
 
 def launch_command(
