@@ -239,6 +239,15 @@ inline void attend_task_avx512(const uint16_t* qh, const uint16_t* kh, const uin
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + g * d + c)));
 }
 
+// The sums of four vectors' lanes, as one [4] vector (cheaper than four separate horizontal reductions).
+inline __m128 reduce4(const __m512* a) {
+    __m256 b[4];
+    for (int u = 0; u < 4; ++u)
+        b[u] = _mm256_add_ps(_mm512_castps512_ps256(a[u]), _mm512_extractf32x8_ps(a[u], 1));
+    __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
 // The same with the head size and the group known at compile time (the common shapes): queries, accumulators and
 // the current value row stay in registers.
 template <int D, int G>
@@ -248,7 +257,21 @@ void attend_task_avx512_fixed(const uint16_t* qh, const uint16_t* kh, const uint
     __m512bh qv[G][C];
     for (int g = 0; g < G; ++g)
         for (int c = 0; c < C; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(qh + g * D + c * 32);
-    for (int64_t j = 0; j < width; ++j) {
+    int64_t j = 0;
+    for (; j + 4 <= width; j += 4) {  // four columns at a time: their four sums reduced together
+        __m512bh kv[4][C];
+        for (int u = 0; u < 4; ++u)
+            for (int c = 0; c < C; ++c) kv[u][c] = (__m512bh)_mm512_loadu_si512(kh + (j + u) * D + c * 32);
+        for (int g = 0; g < G; ++g) {
+            __m512 a[4];
+            for (int u = 0; u < 4; ++u) {
+                a[u] = _mm512_setzero_ps();
+                for (int c = 0; c < C; ++c) a[u] = _mm512_dpbf16_ps(a[u], qv[g][c], kv[u][c]);
+            }
+            _mm_storeu_ps(scores + g * width + j, _mm_mul_ps(reduce4(a), _mm_set1_ps(scale)));
+        }
+    }
+    for (; j < width; ++j) {
         const uint16_t* kj = kh + j * D;
         __m512bh kv[C];
         for (int c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kj + c * 32);
