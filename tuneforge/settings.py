@@ -34,20 +34,25 @@ _CHILD_PREFIXES = ("LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTO
 _CHILD_WITHHELD = frozenset({"WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CREDENTIALS_FILE"})
 
 
-def child_environment(*, spin_wait: bool = False, **extra: str) -> dict[str, str]:
+def child_environment(**extra: str) -> dict[str, str]:
     """The explicit environment of a child process: the allowed part of this one, quiet defaults, then `extra`.
 
     OpenMP threads that spin while they wait collapse throughput when cores are shared (measured 10x and more),
-    so children wait passively unless the operator says otherwise. `spin_wait`: leave OpenMP's own default (a
-    short spin, then sleep) for a process whose parallel regions come back to back, where waking sleeping threads
-    for each costs more: a model server's decoding step runs ~150 of them (SmolLM2 bf16 on 2 cores, 32 rows: 57 ms
-    a step with the default, 81 ms passive).
+    so children wait passively unless the operator says otherwise (a model server: `serving_environment`).
     """
+    env = serving_environment(**extra)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # unless the operator or `extra` set one
+    return env
+
+
+def serving_environment(**extra: str) -> dict[str, str]:
+    """A child's environment (`child_environment`) that leaves OpenMP's own wait policy (a short spin, then sleep)
+    unless the operator set one: for a model server, whose decoding step runs ~150 parallel regions back to back,
+    where waking sleeping threads for each costs more (SmolLM2 bf16 on 2 cores, 32 rows: 57 ms a step with the
+    default, 81 ms passive)."""
     env = {k: v for k, v in os.environ.items()
            if (k in _CHILD_NAMES or k.startswith(_CHILD_PREFIXES)) and k not in _CHILD_WITHHELD}  # fmt: skip
     env["PYTHONUNBUFFERED"] = "1"
-    if not spin_wait:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.update(extra)
     return env

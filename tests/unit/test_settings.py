@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneforge.settings import Settings, child_environment, run_wandb_key, same_url
+from tuneforge.settings import Settings, child_environment, run_wandb_key, same_url, serving_environment
 
 OPERATOR_KEY = "operator-wandb-key-0123456789abcdef0123456789"
 
@@ -31,9 +31,9 @@ def test_a_child_inherits_the_servers_settings_but_not_its_keys() -> None:
 def test_children_wait_passively_except_model_servers(monkeypatch) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert child_environment()["OMP_WAIT_POLICY"] == "PASSIVE"  # training and preparation processes
-    assert "OMP_WAIT_POLICY" not in child_environment(spin_wait=True)  # OpenMP's default: a short spin, then sleep
+    assert "OMP_WAIT_POLICY" not in serving_environment()  # OpenMP's default: a short spin, then sleep
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's choice reaches every child
-    assert child_environment()["OMP_WAIT_POLICY"] == child_environment(spin_wait=True)["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert child_environment()["OMP_WAIT_POLICY"] == serving_environment()["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 @pytest.mark.usefixtures("operator_env")

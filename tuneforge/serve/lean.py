@@ -163,24 +163,32 @@ class LeanDecoder:
         h = torch.empty_like(x)
         q_rot = x.new_empty(rows, heads, d)
         attended = x.new_empty(rows, heads * d)
-        act: torch.Tensor | None = None
         pending: torch.Tensor | None = None  # the last down projection, added to x by the next norm
         for i, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            norm1 = layer.input_layernorm
             kernels.rms_norm(x, pending, norm1.weight, h, norm1.variance_epsilon)
             q, k, v = project.qkv(i, h)
             kbuf, vbuf, col = cache.reserve(1)
             kernels.rotary_append(q, k, v, cos, sin, q_rot, kbuf, vbuf, col, heads, kvh)
             kernels.attend(q_rot, kbuf, vbuf, starts, col + 1, attended, heads, kvh, self.scaling)
-            kernels.rms_norm(x, project.o(i, attended), norm2.weight, h, norm2.variance_epsilon)
-            gate, up = project.gate_up(i, h)
-            if act is None:
-                act = x.new_empty(rows, gate.shape[1])
-            kernels.silu_mul(gate, up, act)
-            pending = project.down(i, act)
+            pending = self._mlp(project, i, x, project.o(i, attended), h)
         out = torch.empty_like(x)
         kernels.rms_norm(x, pending, self.decoder.norm.weight, out, self.decoder.norm.variance_epsilon)
         return out
+
+    def _mlp(
+        self, project: _Projector, i: int, x: torch.Tensor, attention: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer i's second half: x += attention's output (in place), then its MLP on the normed x (through `h`);
+        returns the down projection, which the next norm adds to x."""
+        kernels = self.kernels
+        assert kernels is not None
+        norm2 = self.layers[i].post_attention_layernorm
+        kernels.rms_norm(x, attention, norm2.weight, h, norm2.variance_epsilon)
+        gate, up = project.gate_up(i, h)
+        act = x.new_empty(x.shape[0], gate.shape[1])
+        kernels.silu_mul(gate, up, act)
+        return project.down(i, act)
 
     def _projector(self, slots: torch.Tensor | None) -> _Projector:
         kernels = self.kernels
@@ -219,7 +227,6 @@ class LeanDecoder:
         cos, sin = cos.reshape(total, d).contiguous(), sin.reshape(total, d).contiguous()
         h = torch.empty_like(x)
         q_rot = x.new_empty(total, heads, d)
-        act: torch.Tensor | None = None
         pending: torch.Tensor | None = None
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -227,7 +234,7 @@ class LeanDecoder:
             return t.view(total, h_, d).index_select(0, padded).view(n, width, h_, d).transpose(1, 2)
 
         for i, layer in enumerate(self.layers):
-            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            norm1 = layer.input_layernorm
             kernels.rms_norm(x, pending, norm1.weight, h, norm1.variance_epsilon)
             q, k, v = project.qkv(i, h)
             k_rot = x.new_empty(total, kvh, 1, d)
@@ -239,12 +246,7 @@ class LeanDecoder:
             )  # [prompts, heads, width, D]
             attended = out.transpose(1, 2).reshape(n * width, heads * d).index_select(0, packed)
             cache.append((keys, values))
-            kernels.rms_norm(x, project.o(i, attended), norm2.weight, h, norm2.variance_epsilon)
-            gate, up = project.gate_up(i, h)
-            if act is None:
-                act = x.new_empty(total, gate.shape[1])
-            kernels.silu_mul(gate, up, act)
-            pending = project.down(i, act)
+            pending = self._mlp(project, i, x, project.o(i, attended), h)
         assert pending is not None
         x_last = x.index_select(0, last)
         final = torch.empty_like(x_last)

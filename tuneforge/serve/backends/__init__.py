@@ -11,7 +11,7 @@ import msgspec
 
 from tuneforge.catalog.source import ModelSource
 from tuneforge.serve.backends.vllm import vllm_command
-from tuneforge.settings import Settings, child_environment
+from tuneforge.settings import Settings, serving_environment
 
 
 def transformers_command(settings: Settings, source: ModelSource, port: int) -> tuple[list[str], dict[str, str]]:
@@ -27,7 +27,7 @@ def transformers_command(settings: Settings, source: ModelSource, port: int) -> 
     ]  # fmt: skip
     if settings.serve_threads:
         command += ["--threads", str(settings.serve_threads)]
-    return command, child_environment(spin_wait=True)
+    return command, serving_environment()
 
 
 def launch_command(

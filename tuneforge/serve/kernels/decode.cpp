@@ -120,6 +120,29 @@ inline v16f round16(v16f v) {
     }
 }
 
+// Each of `group` rows of scores [group, width] replaced by its softmax, in place (fp32).
+inline void softmax_rows(float* scores, int64_t group, int64_t width) {
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * width;
+        float mx = sg[0];
+        for (int64_t j = 1; j < width; ++j) mx = sg[j] > mx ? sg[j] : mx;
+        float sum = 0.0f;
+        int64_t j = 0;
+        for (; j + 16 <= width; j += 16) {
+            v16f e = vexp_nonpositive(load16(sg + j) - mx);
+            store16(sg + j, e);
+            for (int l = 0; l < 16; ++l) sum += e[l];
+        }
+        for (; j < width; ++j) {
+            float e = exp_nonpositive(sg[j] - mx);
+            sg[j] = e;
+            sum += e;
+        }
+        const float inv = 1.0f / sum;
+        for (j = 0; j < width; ++j) sg[j] *= inv;
+    }
+}
+
 // x[r] += add[r] (when add is given, rounded as a tensor add), then out[r] = weight * (x[r] / rms(x[r])) as
 // transformers' LlamaRMSNorm: the normalised row rounded to T, then multiplied by the weight and rounded again.
 template <class K>
@@ -202,26 +225,7 @@ inline void attend_task_avx512(const uint16_t* qh, const uint16_t* kh, const uin
             scores[g * width + j] = _mm512_reduce_add_ps(a) * scale;
         }
     }
-    for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores + g * width;
-        float mx = sg[0];
-        for (int64_t j = 1; j < width; ++j) mx = sg[j] > mx ? sg[j] : mx;
-        float sum = 0.0f;
-        int64_t j = 0;
-        for (; j + 16 <= width; j += 16) {
-            v16f e = vexp_nonpositive(load16(sg + j) - mx);
-            store16(sg + j, e);
-            for (int l = 0; l < 16; ++l) sum += e[l];
-        }
-        for (; j < width; ++j) {
-            float e = exp_nonpositive(sg[j] - mx);
-            sg[j] = e;
-            sum += e;
-        }
-        const float inv = 1.0f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) sg[j] *= inv;
-    }
+    softmax_rows(scores, group, width);
     for (int64_t x = 0; x < group * d; x += 16) _mm512_storeu_ps(acc + x, _mm512_setzero_ps());
     for (int64_t j = 0; j < width; ++j) {
         const uint16_t* vj = vh + j * d;
@@ -281,25 +285,7 @@ void attend_task_avx512_fixed(const uint16_t* qh, const uint16_t* kh, const uint
             scores[g * width + j] = _mm512_reduce_add_ps(a) * scale;
         }
     }
-    for (int g = 0; g < G; ++g) {
-        float* sg = scores + g * width;
-        float mx = sg[0];
-        for (int64_t j = 1; j < width; ++j) mx = sg[j] > mx ? sg[j] : mx;
-        float sum = 0.0f;
-        int64_t j = 0;
-        for (; j + 16 <= width; j += 16) {
-            v16f e = vexp_nonpositive(load16(sg + j) - mx);
-            store16(sg + j, e);
-            for (int l = 0; l < 16; ++l) sum += e[l];
-        }
-        for (; j < width; ++j) {
-            float e = exp_nonpositive(sg[j] - mx);
-            sg[j] = e;
-            sum += e;
-        }
-        const float inv = 1.0f / sum;
-        for (j = 0; j < width; ++j) sg[j] *= inv;
-    }
+    softmax_rows(scores, G, width);
     __m512 acc[G][V];
     for (int g = 0; g < G; ++g)
         for (int v = 0; v < V; ++v) acc[g][v] = _mm512_setzero_ps();
@@ -404,26 +390,7 @@ void attend(const typename K::T* q, const typename K::T* kbuf, const typename K:
                     scores[g * width + j] = dot;
                 }
             }
-            for (int64_t g = 0; g < group; ++g) {
-                float* sg = scores.data() + g * width;
-                float mx = sg[0];
-                for (int64_t j = 1; j < width; ++j) mx = sg[j] > mx ? sg[j] : mx;
-                float sum = 0.0f;
-                int64_t j = 0;
-                for (; j + 16 <= width; j += 16) {
-                    v16f e = vexp_nonpositive(load16(sg + j) - mx);
-                    store16(sg + j, e);
-                    for (int l = 0; l < 16; ++l) sum += e[l];
-                }
-                for (; j < width; ++j) {
-                    float e = exp_nonpositive(sg[j] - mx);
-                    sg[j] = e;
-                    sum += e;
-                }
-                const float inv = 1.0f / sum;
-#pragma omp simd
-                for (int64_t j = 0; j < width; ++j) sg[j] *= inv;
-            }
+            softmax_rows(scores.data(), group, width);
             for (int64_t j = 0; j < width; ++j) {
                 const T* vj = vh + j * d;
                 float* vr = row.data();
