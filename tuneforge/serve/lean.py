@@ -261,7 +261,9 @@ class _Projections:
 
     def __init__(self, q: Any, k: Any, v: Any, o: Any, gate: Any, up: Any, down: Any) -> None:
         qkv, gu = q.fused[0], gate.fused[0]
-        self.qkv = (qkv.weight, qkv.bias, [q.out_features, k.out_features, v.out_features], (q, k, v))
+        nq, nk, nv = q.out_features, k.out_features, v.out_features
+        columns = (slice(0, nq), slice(nq, nq + nk), slice(nq + nk, nq + nk + nv))  # of the fused output
+        self.qkv = (qkv.weight, qkv.bias, columns, (q, k, v))
         self.o = (o.base.weight, o.base.bias, o)
         self.gate_up = (gu.weight, gu.bias, gate.out_features, (gate, up))
         self.down = (down.base.weight, down.base.bias, down)
@@ -278,7 +280,7 @@ class _Projector:
         self.layers, self.projections, self.kernels, self.slots = layers, projections, kernels, slots
 
     def _lora(self, x: torch.Tensor, y: torch.Tensor, module: Any) -> None:
-        if self.slots is not None and module.rank and any(module.active):
+        if self.slots is not None and module.rank and any(module.active):  # the callers check slots first too
             a_all, bt_all = module.stacks()
             self.kernels.lora_rows(x, y, a_all, bt_all, self.slots, module.rank)
 
@@ -286,10 +288,12 @@ class _Projector:
         if self.projections is None:
             attn = self.layers[i].self_attn
             return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        weight, bias, sizes, members = self.projections[i].qkv
-        q, k, v = torch.nn.functional.linear(h, weight, bias).split(sizes, dim=1)
-        for y, module in zip((q, k, v), members, strict=True):
-            self._lora(h, y, module)
+        weight, bias, (q_cols, k_cols, v_cols), members = self.projections[i].qkv
+        qkv = torch.nn.functional.linear(h, weight, bias)
+        q, k, v = qkv[:, q_cols], qkv[:, k_cols], qkv[:, v_cols]
+        if self.slots is not None:
+            for y, module in zip((q, k, v), members, strict=True):
+                self._lora(h, y, module)
         return q, k, v
 
     def o(self, i: int, attended: torch.Tensor) -> torch.Tensor:
@@ -307,8 +311,9 @@ class _Projector:
         weight, bias, n_gate, (gate_m, up_m) = self.projections[i].gate_up
         both = torch.nn.functional.linear(h, weight, bias)
         gate, up = both[:, :n_gate], both[:, n_gate:]
-        self._lora(h, gate, gate_m)
-        self._lora(h, up, up_m)
+        if self.slots is not None:
+            self._lora(h, gate, gate_m)
+            self._lora(h, up, up_m)
         return gate, up
 
     def down(self, i: int, act: torch.Tensor) -> torch.Tensor:
