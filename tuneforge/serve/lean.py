@@ -195,7 +195,12 @@ class LeanDecoder:
         assert kernels is not None
         if slots is not None and not bool((slots > 0).any()):
             slots = None
-        return _Projector(self.layers, self._projections(), kernels, slots)
+        projections = self._projections()
+        if slots is not None and projections is not None:
+            count = int(projections[0].o[2].lora_A.shape[0])  # the wrappers' slots: `lora_rows` reads slot s's rows
+            if int(slots.min()) < 0 or int(slots.max()) >= count:
+                raise ValueError(f"adapter slots out of range 0..{count - 1}: {slots.tolist()}")
+        return _Projector(self.layers, projections, kernels, slots)
 
     def prefill_fused(
         self, ids: torch.Tensor, lens: list[int], slots: torch.Tensor | None = None

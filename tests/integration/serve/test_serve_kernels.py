@@ -184,3 +184,29 @@ def test_lora_rows_applies_each_rows_own_adapter(dtype):
     _close(y, want.to(dtype), dtype, ulps=2.0)
     assert torch.equal(y[0], before[0, 5 : 5 + d_out]) and torch.equal(y[5], before[5, 5 : 5 + d_out])
     assert torch.equal(wide[:, :5], before[:, :5]) and torch.equal(wide[:, 5 + d_out :], before[:, 5 + d_out :])
+
+
+def test_every_kernel_refuses_tensors_it_would_read_or_write_past():
+    """A wrong shape, dtype or column is a ValueError before the kernel runs, never a read past a buffer."""
+    k = _kernels(torch.float32)
+    x, w = torch.zeros(4, 8), torch.zeros(8)
+    with pytest.raises(ValueError, match="rms_norm"):
+        k.rms_norm(x, None, torch.zeros(7), torch.empty_like(x), 1e-5)  # weight too short
+    with pytest.raises(ValueError, match="rms_norm"):
+        k.rms_norm(x, None, w, torch.empty(4, 8, dtype=torch.bfloat16), 1e-5)  # another dtype
+    kbuf = torch.zeros(4, 2, 5, 8)
+    q = torch.zeros(4, 4, 8)
+    with pytest.raises(ValueError, match="attend"):
+        k.attend(q, kbuf, kbuf.clone(), torch.zeros(4, dtype=torch.long), 6, torch.empty(4, 32), 4, 2, 1.0)  # end > 5
+    with pytest.raises(ValueError, match="attend"):
+        k.attend(q, kbuf, kbuf.clone(), torch.zeros(3, dtype=torch.long), 5, torch.empty(4, 32), 4, 2, 1.0)
+    qkv = torch.zeros(4, 64)
+    cs = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="rotary_append"):
+        k.rotary_append(qkv[:, :32], qkv[:, 32:48], qkv[:, 48:], cs, cs, q, kbuf, kbuf.clone(), 5, 4, 2)  # column 5
+    with pytest.raises(ValueError, match="silu_mul"):
+        k.silu_mul(x, x, torch.empty(4, 8).t())  # not contiguous
+    with pytest.raises(ValueError, match="lora_rows"):
+        k.lora_rows(x, torch.zeros(4, 6), torch.zeros(16, 8), torch.zeros(16, 6), torch.zeros(4, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="argmax_logsumexp"):
+        k.argmax_logsumexp(torch.zeros(4, 8).t())

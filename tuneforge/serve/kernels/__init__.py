@@ -101,9 +101,19 @@ def build(folder: Path | None = None) -> Path:
     return target
 
 
+def _rows_of(t: torch.Tensor, dtype: torch.dtype, rows: int, cols: int) -> bool:
+    """t is a [rows, cols] CPU tensor of dtype whose rows may be strided but whose columns are contiguous."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.shape == (rows, cols) and t.stride(1) == 1
+
+
+def _dense(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    return t.dtype == dtype and t.device.type == "cpu" and tuple(t.shape) == shape and t.is_contiguous()
+
+
 class DecodeKernels:
-    """The kernels of one dtype (float32 or bfloat16). Every tensor argument is a CPU tensor of that dtype whose
-    last dimension is contiguous; the callers (`serve/lean.py`) hold to the shapes documented in decode.cpp."""
+    """The kernels of one dtype (float32 or bfloat16). Each call checks the dtype, device, shapes and strides of
+    its tensors (ValueError), so that no caller can make a kernel read or write outside them; the checks cost
+    ~1 us a call."""
 
     def __init__(self, library: ctypes.CDLL, dtype: torch.dtype) -> None:
         suffix = _SUFFIX[dtype]
@@ -124,6 +134,11 @@ class DecodeKernels:
     def rms_norm(self, x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
                  eps: float) -> None:  # fmt: skip
         """x += add (in place, when given); out = weight * x / rms(x), row by row ([rows, n])."""
+        rows, n = x.shape
+        dt = self.dtype
+        if not (_rows_of(x, dt, rows, n) and _rows_of(out, dt, rows, n) and _dense(weight, dt, (n,))
+                and (add is None or _rows_of(add, dt, rows, n))):  # fmt: skip
+            raise ValueError("rms_norm: x, add, out [rows, n] and weight [n] of the kernels' dtype")
         self._rms_norm(
             x.data_ptr(), x.stride(0), None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
             weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0], x.shape[1], eps, self.threads,
@@ -134,6 +149,14 @@ class DecodeKernels:
                       kv_heads: int) -> None:  # fmt: skip
         """Rotary embedding of q [rows, heads * d] into q_out [rows, heads, d] and of k into column `col` of kbuf
         [rows, kv_heads, capacity, d]; v copied into column `col` of vbuf. cos / sin: [rows, d] contiguous."""
+        rows, dt = q.shape[0], self.dtype
+        d = kbuf.shape[3]
+        shape = (rows, kv_heads, kbuf.shape[2], d)
+        if not (_rows_of(q, dt, rows, heads * d) and _rows_of(k, dt, rows, kv_heads * d)
+                and _rows_of(v, dt, rows, kv_heads * d) and _dense(cos, dt, (rows, d)) and _dense(sin, dt, (rows, d))
+                and _dense(q_out, dt, (rows, heads, d)) and _dense(kbuf, dt, shape) and _dense(vbuf, dt, shape)
+                and 0 <= col < shape[2] and d % 2 == 0):  # fmt: skip
+            raise ValueError("rotary_append: shapes, dtype or column out of range")
         self._rotary_append(
             q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(),
             sin.data_ptr(), q_out.data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(), kbuf.stride(0), kbuf.stride(1), col,
@@ -143,6 +166,13 @@ class DecodeKernels:
     def attend(self, q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, start: torch.Tensor, end: int,
                out: torch.Tensor, heads: int, kv_heads: int, scale: float) -> None:  # fmt: skip
         """Row r's query q[r] [heads, d] against columns [start[r], end) of its cache; out [rows, heads * d]."""
+        rows, dt = q.shape[0], self.dtype
+        d = kbuf.shape[3]
+        shape = (rows, kv_heads, kbuf.shape[2], d)
+        if not (_dense(q, dt, (rows, heads, d)) and _dense(kbuf, dt, shape) and _dense(vbuf, dt, shape)
+                and _dense(start, torch.long, (rows,)) and _dense(out, dt, (rows, heads * d))
+                and 0 < end <= shape[2] and heads % kv_heads == 0):  # fmt: skip
+            raise ValueError("attend: shapes, dtype or columns out of range")
         self._attend(
             q.data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(), kbuf.stride(0), kbuf.stride(1), start.data_ptr(), end,
             out.data_ptr(), q.shape[0], heads, kv_heads, kbuf.shape[3], scale, self.threads,
@@ -150,6 +180,10 @@ class DecodeKernels:
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
         """out = silu(gate) * up ([rows, n]; gate and up may be column views of one tensor)."""
+        rows, n = out.shape
+        dt = self.dtype
+        if not (_rows_of(gate, dt, rows, n) and _rows_of(up, dt, rows, n) and _dense(out, dt, (rows, n))):
+            raise ValueError("silu_mul: gate, up [rows, n] and out [rows, n] contiguous, of the kernels' dtype")
         self._silu_mul(
             gate.data_ptr(),
             gate.stride(0),
@@ -164,7 +198,9 @@ class DecodeKernels:
     def argmax_logsumexp(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row of logits [rows, n]: the first index of the maximum (int64), the maximum and the logsumexp
         (float32), in one call over the raw logits (no fp32 copy of them)."""
-        rows = logits.shape[0]
+        rows, n = logits.shape
+        if not _rows_of(logits, self.dtype, rows, n) or n == 0:
+            raise ValueError("argmax_logsumexp: logits [rows, n] of the kernels' dtype")
         index = torch.empty(rows, dtype=torch.long)
         maximum = torch.empty(rows, dtype=torch.float32)
         lse = torch.empty(rows, dtype=torch.float32)
@@ -177,7 +213,14 @@ class DecodeKernels:
     def lora_rows(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
                   rank: int) -> None:  # fmt: skip
         """y[i] += (x[i] A_s^T) B_s^T in place, s = slots[i] (int64, 0: none): x [rows, in], y [rows, out] (row
-        strided views allowed), a [S * rank, in] and bt [S * rank, out] contiguous, slot-major."""
+        strided views allowed), a [S * rank, in] and bt [S * rank, out] contiguous, slot-major. The slots must be
+        below S (`lean._Projector` checks them once a forward)."""
+        (rows, d_in), d_out, dt = x.shape, y.shape[1], self.dtype
+        stacked = a.shape[0]
+        if not (_rows_of(x, dt, rows, d_in) and _rows_of(y, dt, rows, d_out) and _dense(a, dt, (stacked, d_in))
+                and _dense(bt, dt, (stacked, d_out)) and _dense(slots, torch.long, (rows,))
+                and rank > 0 and stacked % rank == 0):  # fmt: skip
+            raise ValueError("lora_rows: shapes or dtype")
         self._lora_rows(
             x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(), bt.data_ptr(), slots.data_ptr(),
             x.shape[0], rank, x.shape[1], y.shape[1], self.threads,
