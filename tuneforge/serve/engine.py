@@ -579,7 +579,8 @@ class TransformersEngine:
         lens = [len(r.req.prompt_ids) for r in rows]
         if self.lean is not None and self.lean.kernels is not None:
             slots = [r.slot for r in rows for _ in r.req.prompt_ids]  # per token
-            self.lora_ctx.set_rows(slots, self.device)  # for the wrappers, where the kernels cannot take them
+            if not self.lean.fused_projections():
+                self.lora_ctx.set_rows(slots, self.device)  # the wrappers add the low-rank terms themselves
             ids = torch.tensor([t for r in rows for t in r.req.prompt_ids], dtype=torch.long, device=self.device)
             hidden, cache = self.lean.prefill_fused(ids, lens, torch.tensor(slots, dtype=torch.long))
             logits = self.head(hidden)
@@ -664,7 +665,9 @@ class TransformersEngine:
         ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=self.device)
         lens = torch.tensor([r.cache_len for r in rows], dtype=torch.long, device=self.device)
         positions = lens[:, None]
-        self._set_slots(rows)
+        fused = self.lean is not None and self.lean.kernels is not None
+        if not (fused and self.lean is not None and self.lean.fused_projections()):
+            self._set_slots(rows)  # the wrappers add the low-rank terms themselves
         if self.lean is not None and self.lean.kernels is not None:
             slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
             logits = self.head(self.lean.forward_fused(ids, positions, width - lens, _layers(self._cache), slots))

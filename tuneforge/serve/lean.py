@@ -143,6 +143,10 @@ class LeanDecoder:
             self._plain = plain
         return self._plain or None
 
+    def fused_projections(self) -> bool:
+        """Whether the fused forwards run the projections themselves (else the wrappers, by the `LoraContext`)."""
+        return self._projections() is not None
+
     def forward_fused(
         self, ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, layers: list[Any],
         slots: torch.Tensor | None = None,
@@ -289,6 +293,13 @@ class _Projector:
             a_all, bt_all = module.stacks()
             self.kernels.lora_rows(x, y, a_all, bt_all, self.slots, module.rank)
 
+    def _single(self, x: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor | None, Any]) -> torch.Tensor:
+        """A projection of its own (o, down): its base matmul and its low-rank term."""
+        weight, bias, module = projection
+        y = torch.nn.functional.linear(x, weight, bias)
+        self._lora(x, y, module)
+        return y
+
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.projections is None:
             attn = self.layers[i].self_attn
@@ -304,10 +315,7 @@ class _Projector:
     def o(self, i: int, attended: torch.Tensor) -> torch.Tensor:
         if self.projections is None:
             return self.layers[i].self_attn.o_proj(attended)
-        weight, bias, module = self.projections[i].o
-        y = torch.nn.functional.linear(attended, weight, bias)
-        self._lora(attended, y, module)
-        return y
+        return self._single(attended, self.projections[i].o)
 
     def gate_up(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.projections is None:
@@ -324,7 +332,4 @@ class _Projector:
     def down(self, i: int, act: torch.Tensor) -> torch.Tensor:
         if self.projections is None:
             return self.layers[i].mlp.down_proj(act)
-        weight, bias, module = self.projections[i].down
-        y = torch.nn.functional.linear(act, weight, bias)
-        self._lora(act, y, module)
-        return y
+        return self._single(act, self.projections[i].down)
