@@ -10,16 +10,18 @@ generated in a scenario / its wall time (prefill time included; all_tok_s also c
 TTFT = from `generate()` to the first token, p50 and p99 (nearest rank) over every request of the scenario.
 
 The compute bound is measured in the same run: one pass of 32-row matmuls through every linear weight of the model
-(the head included) in the dtype the engine computes in, GFLOP/s; bound tok/s = that / (2 x parameters). The
+(the head included) in the dtype the engine computes in, GFLOP/s, the faster of torch's plain matmul and the one
+on weights prepacked as the engine packs them (`serve/packed.py`); bound tok/s = that / (2 x parameters). The
 setup's torch work runs in threads that end (`serve.engine.off_thread`: a parallel op on the main thread makes the
 engine's step thread ~1.5x slower on a 2-core CPU).
 Goals: 32 streams >= 10x one stream (base), mixed 8 adapters >= 0.85x one adapter (32 streams), 32-stream
 throughput >= 50% of the bound. Timings drift on a shared machine: compare figures of one run. `fused_kernels` in
 the JSON says whether the engine ran its fused CPU kernels (`serve/kernels`; `--no-kernels`: torch's operations,
-to compare).
+to compare), `packed_weights` whether their matmuls ran on prepacked weights (`--no-packing`: not).
 
     python bench/serve_throughput.py [--quick] [--dtype auto|fp32|bf16] [--tokens 64] [--rounds 3] [--sampling]
                                      [--model smollm2|tiny] [--cache DIR] [--bound-seconds 2] [--no-kernels]
+                                     [--no-packing]
 
 `--quick`: --tokens 16 --rounds 1 --bound-seconds 0.5. `--model tiny`: a random tiny llama (tests only; its figures
 say nothing about throughput). The last line printed is one JSON object (x32_vs_x1, mixed_vs_single, bound_share,
@@ -45,7 +47,9 @@ import torch
 
 from tuneforge.catalog.entries import SMOLLM2
 from tuneforge.catalog.loading import resolve_model_dir
-from tuneforge.serve.engine import TransformersEngine, off_thread
+from tuneforge.serve.engine import TransformersEngine
+from tuneforge.serve.packed import Linear
+from tuneforge.serve.threads import off_thread
 from tuneforge.serve.types import GenerationRequest, SamplingParams
 from tuneforge.train.hardware import bf16_is_fast, compute_dtype, set_threads
 from tuneforge.train.spec import ModelSource
@@ -74,19 +78,24 @@ def make_adapters(model_dir: Path, folder: Path, n: int, rank: int = 8) -> list[
     return out
 
 
-def matmul_bound(engine: TransformersEngine, rows: int, seconds: float) -> float:
-    """GFLOP/s of `rows`-row matmuls through every linear weight of the model, in its dtype (best pass)."""
+def matmul_bound(engine: TransformersEngine, rows: int, seconds: float, packed: bool) -> float:
+    """GFLOP/s of `rows`-row matmuls through every linear weight of the model, in its dtype (best pass): through
+    `torch.nn.functional.linear`, or (`packed`) through weights prepacked as the engine packs them (`serve/packed.py`;
+    0.0 where this dtype or machine packs nothing)."""
     weights = [m.weight for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-    flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
-    best, end = math.inf, time.perf_counter() + seconds
     with torch.inference_mode():
-        for w in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w)
+        linears = [Linear(w, None, packed, rows) for w in weights]
+        if packed and not all(lin.packed is not None for lin in linears):
+            return 0.0
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+        flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
+        best, end = math.inf, time.perf_counter() + seconds
+        for lin in linears:
+            lin(xs[lin.in_features])
         while time.perf_counter() < end:
             t = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
+            for lin in linears:
+                lin(xs[lin.in_features])
             best = min(best, time.perf_counter() - t)
     return flops / best / 1e9
 
@@ -149,6 +158,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tuneforge" / "models"))
     ap.add_argument("--bound-seconds", type=float, default=2.0)
     ap.add_argument("--no-kernels", action="store_true", help="torch's operations instead of the fused kernels")
+    ap.add_argument("--no-packing", action="store_true", help="the fused forwards' matmuls on unpacked weights")
     a = ap.parse_args()
     if a.quick:
         a.tokens, a.rounds, a.bound_seconds = 16, 1, 0.5
@@ -172,19 +182,24 @@ def main() -> None:
     print(f"model {model_dir}; {ADAPTERS} rank-8 adapters made in {time.perf_counter() - t:.1f}s", flush=True)
 
     engine = TransformersEngine(
-        model_dir, dtype=dtype, max_batch=32, max_loras=ADAPTERS, fused_kernels=not a.no_kernels
-    )
+        model_dir, dtype=dtype, max_batch=32, max_loras=ADAPTERS, fused_kernels=not a.no_kernels,
+        packed_weights=not a.no_packing,
+    )  # fmt: skip
     fused = engine.lean is not None and engine.lean.kernels is not None
-    print(f"fused kernels: {fused}", flush=True)
+    packed = bool(engine.stats().extra["packed_weights"])
+    print(f"fused kernels: {fused}, packed weights: {packed}", flush=True)
     names = [f"a{i}" for i in range(ADAPTERS)]
     for n, folder in zip(names, folders, strict=True):
         engine.load_adapter(n, folder)
     unique = {p.data_ptr(): p for p in engine.model.parameters()}  # a tied head counts once
     params = sum(p.numel() for p in unique.values())
-    gflops = off_thread(lambda: matmul_bound(engine, 32, a.bound_seconds))
+    # the bound: the faster of torch's plain matmul and the prepacked one, whichever the engine uses
+    plain_gflops = off_thread(lambda: matmul_bound(engine, 32, a.bound_seconds, packed=False))
+    packed_gflops = off_thread(lambda: matmul_bound(engine, 32, a.bound_seconds, packed=True))
+    gflops = max(plain_gflops, packed_gflops)
     bound = gflops * 1e9 / (2 * params)
-    print(f"bound: 32-row matmuls {gflops:.1f} GFLOP/s in {name}, {params / 1e6:.1f}M params -> {bound:.0f} tok/s",
-          flush=True)  # fmt: skip
+    print(f"bound: 32-row matmuls {gflops:.1f} GFLOP/s in {name} (plain {plain_gflops:.1f}, prepacked "
+          f"{packed_gflops:.1f}), {params / 1e6:.1f}M params -> {bound:.0f} tok/s", flush=True)  # fmt: skip
 
     vocab = int(engine.vocab_size)
     plan: list[tuple[str, int, list[str | None]]] = [
@@ -228,6 +243,9 @@ def main() -> None:
         "fused_kernels": fused,
         "goals": goals,
         "bound_gflops": round(gflops, 1),
+        "bound_gflops_plain": round(plain_gflops, 1),
+        "bound_gflops_packed": round(packed_gflops, 1),
+        "packed_weights": packed,
         "bound_tok_s": round(bound, 1),
         "params": params,
         "threads": threads,

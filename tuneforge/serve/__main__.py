@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from tuneforge.serve.app import ModelServer, create_model_app
-    from tuneforge.serve.engine import TransformersEngine, off_thread
+    from tuneforge.serve.engine import TransformersEngine
+    from tuneforge.serve.threads import off_thread
     from tuneforge.train.hardware import set_threads
 
     set_threads(args.threads)

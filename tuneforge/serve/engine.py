@@ -53,10 +53,10 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -67,6 +67,7 @@ from tuneforge.serve.kernels import load as load_kernels
 from tuneforge.serve.lean import LeanDecoder
 from tuneforge.serve.lora import inject_multi_lora
 from tuneforge.serve.structured import Grammars, mask_rows
+from tuneforge.serve.threads import off_thread
 from tuneforge.serve.types import (
     AdapterStats,
     EngineError,
@@ -83,7 +84,6 @@ if TYPE_CHECKING:
     from tuneforge.serve.types import Engine
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DEFAULT_MAX_LORA_BYTES = 2 << 30
 DEFAULT_MAX_PREFILL_TOKENS = 8192
@@ -180,29 +180,6 @@ def _length_groups(lens: list[int], min_tokens: int = 256, max_padding: float = 
     return groups
 
 
-def off_thread(fn: Callable[[], T]) -> T:
-    """Run `fn` in a fresh thread that ends with it, and return its result (or raise its error).
-
-    Measured on a 2-core CPU (torch 2.13, GNU OpenMP): once a thread has run a parallel torch op, another thread's
-    forwards (the step thread's) run ~1.5x slower for the life of the process, while a thread that has ended
-    leaves no such trace. The engine's own tensor work outside the step thread (loading the model, adapter loads)
-    goes through here, and callers should do their heavy torch work the same way (the bench does)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=run, name="tuneforge-engine-aside")
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return cast(T, box["result"])
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -248,6 +225,7 @@ class TransformersEngine:
         lora_strategy: str = "stacked",
         lean_decode: bool = True,
         fused_kernels: bool = True,
+        packed_weights: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else compute_dtype("auto", self.device)
@@ -271,7 +249,7 @@ class TransformersEngine:
         self.lean: LeanDecoder | None = None
         self.kernels = load_kernels(self.dtype, self.device) if fused_kernels else None
         if lean_decode and LeanDecoder.supports(self.model):
-            self.lean = LeanDecoder(self.model, self.kernels)
+            self.lean = LeanDecoder(self.model, self.kernels, pack=packed_weights)
         self.head = self.model.get_output_embeddings()
         self.vocab_size = int(self.head.weight.shape[0])
         self.max_batch = max_batch
@@ -281,6 +259,9 @@ class TransformersEngine:
         slots = max_loras + 1
         self.lora_ctx, self.lora_modules = off_thread(lambda: inject_multi_lora(self.model, slots, lora_strategy))
         self._shapes = {name: (m.out_features, m.in_features) for name, m in self.lora_modules.items()}
+        lean = self.lean
+        if lean is not None and lean.kernels is not None:
+            lean.fused_projections()  # the fused forwards' weights, packed now rather than in a first step
         self.adapters = AdapterRegistry(max_loras, max_lora_bytes)
         self.grammars = Grammars(Path(model_dir), self.vocab_size)
 
@@ -458,6 +439,7 @@ class TransformersEngine:
                 "cache_columns": float(cache.get_seq_length() if cache is not None else 0),
                 "busy_seconds": self._busy_s,
                 "max_context": float(self.max_context),
+                "packed_weights": float(self.lean is not None and self.lean.kernels is not None and self.lean.packed()),
             },
         )
 
@@ -583,7 +565,7 @@ class TransformersEngine:
                 self.lora_ctx.set_rows(slots, self.device)  # the wrappers add the low-rank terms themselves
             ids = torch.tensor([t for r in rows for t in r.req.prompt_ids], dtype=torch.long, device=self.device)
             hidden, cache = self.lean.prefill_fused(ids, lens, torch.tensor(slots, dtype=torch.long))
-            logits = self.head(hidden)
+            logits = self.lean.logits(hidden)
         else:
             width = max(lens)
             ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -670,7 +652,9 @@ class TransformersEngine:
             self._set_slots(rows)  # the wrappers add the low-rank terms themselves
         if self.lean is not None and self.lean.kernels is not None:
             slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
-            logits = self.head(self.lean.forward_fused(ids, positions, width - lens, _layers(self._cache), slots))
+            logits = self.lean.logits(
+                self.lean.forward_fused(ids, positions, width - lens, _layers(self._cache), slots)
+            )
         elif self.lean is not None:
             mask = self._decode_mask(width, lens)
             logits = self.head(self.lean.forward(ids, positions, mask, _layers(self._cache)))

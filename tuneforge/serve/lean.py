@@ -22,7 +22,8 @@ projections as four matmuls on the base weights (q/k/v and gate/up fused), and f
 gathered low-rank kernel call per projection (each row its own adapter's A and B, `DecodeKernels.lora_rows`) in
 place of the wrappers' stacked terms. A prefill runs its prompts packed end to end, padded only for attention.
 Measured (bench/serve_throughput.py, SmolLM2 bf16, 2 cores, 32 streams): a decoding step 81 -> ~47 ms, a prefill
-of 32 prompts 1.0 -> ~0.64 s; over 8 adapters 245 -> ~340 tok/s.
+of 32 prompts 1.0 -> ~0.64 s; over 8 adapters 245 -> ~340 tok/s. In bf16 the base matmuls (the head's too) run on
+weights prepacked for oneDNN (`serve/packed.py`): a decoding step 43.9 -> 36.7 ms in the same process.
 
 Used only where `LeanDecoder.supports` holds: llama / qwen2 / mistral blocks (pre-norm, rotary, gated MLP, no q/k
 norms, no soft-capping; the engine has already refused sliding-window layers); the kernels also need llama's RMS
@@ -37,6 +38,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tuneforge.serve.kernels import DecodeKernels
+from tuneforge.serve.packed import Linear
+from tuneforge.serve.threads import off_main_thread
 
 # Model types whose decoder blocks are exactly input_layernorm -> self_attn -> residual -> post_attention_layernorm
 # -> gated mlp -> residual, with plain rotary attention (checked further per layer in `supports`).
@@ -44,7 +47,7 @@ _LLAMA_SHAPED = ("llama", "qwen2", "mistral")
 
 
 class LeanDecoder:
-    def __init__(self, model: Any, kernels: DecodeKernels | None = None) -> None:
+    def __init__(self, model: Any, kernels: DecodeKernels | None = None, pack: bool = True) -> None:
         self.decoder = model.get_decoder()
         config = model.config
         self.layers = list(self.decoder.layers)
@@ -58,7 +61,11 @@ class LeanDecoder:
         # every weight in the kernels' dtype (they read the norms' weights as such)
         fits = kernels is not None and self.fusable(model) and {p.dtype for p in model.parameters()} == {kernels.dtype}
         self.kernels = kernels if fits else None
-        self._plain: list[_Projections] | None = None  # built at the first fused forward
+        # the fused forwards' base matmuls through prepacked weights (`serve/packed.py`; bf16 on the CPU only)
+        self.pack = pack and self.kernels is not None
+        self._head_module = model.get_output_embeddings()
+        self._head: Linear | None = None  # built with the projections by `_build`
+        self._plain: list[_Projections] | None = None
 
     @staticmethod
     def fusable(model: Any) -> bool:
@@ -125,27 +132,53 @@ class LeanDecoder:
     def _projections(self) -> list[_Projections] | None:
         """Per layer, the projections as the multi-LoRA wrappers hold them (`serve/lora.py`); None where they are
         not wrapped that way (the fused path then calls the modules)."""
-        if self._plain is None:
-            from tuneforge.serve.lora import MultiLoraLinear
-
-            plain: list[_Projections] = []
-            for layer in self.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                mods = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-                if not all(isinstance(m, MultiLoraLinear) for m in mods):
-                    self._plain = []
-                    return None
-                q, k, v, o, gate, up, down = mods
-                if q.fused is None or gate.fused is None or k.fused is None or up.fused is None:
-                    self._plain = []
-                    return None
-                plain.append(_Projections(q, k, v, o, gate, up, down))
-            self._plain = plain
+        self._build()
         return self._plain or None
 
+    def _head_linear(self) -> Linear:
+        self._build()
+        assert self._head is not None
+        return self._head
+
+    def _build(self) -> None:
+        """The fused forwards' matmuls, built once (their weights packed where `pack`): never on the main thread
+        (`serve/threads.py`)."""
+        if self._plain is None or self._head is None:
+            off_main_thread(self._build_here)
+
+    def _build_here(self) -> None:
+        from tuneforge.serve.lora import MultiLoraLinear
+
+        head = self._head_module
+        self._head = Linear(head.weight, getattr(head, "bias", None), self.pack)
+        plain: list[_Projections] = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            mods = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if not all(isinstance(m, MultiLoraLinear) for m in mods):
+                plain = []
+                break
+            q, k, v, o, gate, up, down = mods
+            if q.fused is None or gate.fused is None or k.fused is None or up.fused is None:
+                plain = []
+                break
+            plain.append(_Projections(q, k, v, o, gate, up, down, self.pack))
+        self._plain = plain
+
     def fused_projections(self) -> bool:
-        """Whether the fused forwards run the projections themselves (else the wrappers, by the `LoraContext`)."""
+        """Whether the fused forwards run the projections themselves (else the wrappers, by the `LoraContext`).
+        The first call builds them (the engine makes it at start-up, after wrapping the projections)."""
         return self._projections() is not None
+
+    def packed(self) -> bool:
+        """Whether the fused forwards' matmuls (the head's included) run on prepacked weights."""
+        projections = self._projections()
+        layers_packed = projections is not None and all(p.packed() for p in projections)
+        return self._head_linear().packed is not None and layers_packed
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's logits [rows, vocab] for the fused forwards' hidden states [rows, hidden]."""
+        return self._head_linear()(hidden)
 
     def forward_fused(
         self, ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, layers: list[Any],
@@ -201,7 +234,7 @@ class LeanDecoder:
             slots = None
         projections = self._projections()
         if slots is not None and projections is not None:
-            count = int(projections[0].o[2].lora_A.shape[0])  # the wrappers' slots: `lora_rows` reads slot s's rows
+            count = int(projections[0].o[1].lora_A.shape[0])  # the wrappers' slots: `lora_rows` reads slot s's rows
             if int(slots.min()) < 0 or int(slots.max()) >= count:
                 raise ValueError(f"adapter slots out of range 0..{count - 1}: {slots.tolist()}")
         return _Projector(self.layers, projections, kernels, slots)
@@ -266,16 +299,20 @@ class LeanDecoder:
 
 class _Projections:
     """One layer's multi-LoRA projection wrappers, and the base weights they share: q/k/v and gate/up as one
-    matrix each (`serve/lora._FusedGroup`), o and down."""
+    matrix each (`serve/lora._FusedGroup`), o and down; each base matmul a `serve.packed.Linear` (prepacked where
+    `pack`)."""
 
-    def __init__(self, q: Any, k: Any, v: Any, o: Any, gate: Any, up: Any, down: Any) -> None:
+    def __init__(self, q: Any, k: Any, v: Any, o: Any, gate: Any, up: Any, down: Any, pack: bool) -> None:
         qkv, gu = q.fused[0], gate.fused[0]
         nq, nk, nv = q.out_features, k.out_features, v.out_features
         columns = (slice(0, nq), slice(nq, nq + nk), slice(nq + nk, nq + nk + nv))  # of the fused output
-        self.qkv = (qkv.weight, qkv.bias, columns, (q, k, v))
-        self.o = (o.base.weight, o.base.bias, o)
-        self.gate_up = (gu.weight, gu.bias, gate.out_features, (gate, up))
-        self.down = (down.base.weight, down.base.bias, down)
+        self.qkv = (Linear(qkv.weight, qkv.bias, pack), columns, (q, k, v))
+        self.o = (Linear(o.base.weight, o.base.bias, pack), o)
+        self.gate_up = (Linear(gu.weight, gu.bias, pack), gate.out_features, (gate, up))
+        self.down = (Linear(down.base.weight, down.base.bias, pack), down)
+
+    def packed(self) -> bool:
+        return all(p[0].packed is not None for p in (self.qkv, self.o, self.gate_up, self.down))
 
 
 class _Projector:
@@ -293,10 +330,10 @@ class _Projector:
             a_all, bt_all = module.stacks()
             self.kernels.lora_rows(x, y, a_all, bt_all, self.slots, module.rank)
 
-    def _single(self, x: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor | None, Any]) -> torch.Tensor:
+    def _single(self, x: torch.Tensor, projection: tuple[Linear, Any]) -> torch.Tensor:
         """A projection of its own (o, down): its base matmul and its low-rank term."""
-        weight, bias, module = projection
-        y = torch.nn.functional.linear(x, weight, bias)
+        linear, module = projection
+        y = linear(x)
         self._lora(x, y, module)
         return y
 
@@ -304,8 +341,8 @@ class _Projector:
         if self.projections is None:
             attn = self.layers[i].self_attn
             return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        weight, bias, (q_cols, k_cols, v_cols), members = self.projections[i].qkv
-        qkv = torch.nn.functional.linear(h, weight, bias)
+        linear, (q_cols, k_cols, v_cols), members = self.projections[i].qkv
+        qkv = linear(h)
         q, k, v = qkv[:, q_cols], qkv[:, k_cols], qkv[:, v_cols]
         if self.slots is not None:
             for y, module in zip((q, k, v), members, strict=True):
@@ -321,8 +358,8 @@ class _Projector:
         if self.projections is None:
             mlp = self.layers[i].mlp
             return mlp.gate_proj(h), mlp.up_proj(h)
-        weight, bias, n_gate, (gate_m, up_m) = self.projections[i].gate_up
-        both = torch.nn.functional.linear(h, weight, bias)
+        linear, n_gate, (gate_m, up_m) = self.projections[i].gate_up
+        both = linear(h)
         gate, up = both[:, :n_gate], both[:, n_gate:]
         if self.slots is not None:
             self._lora(h, gate, gate_m)

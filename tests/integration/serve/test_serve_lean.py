@@ -5,12 +5,15 @@ not cover (qwen3's q/k norms) is left to transformers' forward and still served.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from serve_support import collect_all, greedy, ids, make_adapter, prompt, run
 
 from tuneforge.serve.engine import TransformersEngine
 from tuneforge.serve.lean import LeanDecoder
+from tuneforge.serve.packed import Linear, packing_available
 from tuneforge.serve.types import GenerationRequest
 from tuneforge.train.hardware import bf16_is_fast
 from tuneforge.train.tiny_models import save_tiny_model
@@ -45,9 +48,16 @@ def arch_model(request, tmp_path_factory):
 BATCHES = {"mixed": [None, "x", "y"], "base": [None], "one-adapter": ["y"]}
 
 
-def _outputs(folder, adapters, *, lean: bool, dtype: torch.dtype, fused: bool = False, batch: str = "mixed"):
-    engine = TransformersEngine(folder, dtype=dtype, max_loras=2, lean_decode=lean, fused_kernels=fused)
+def _outputs(folder, adapters, *, lean: bool, dtype: torch.dtype, fused: bool = False, batch: str = "mixed",
+             packed: bool = True):  # fmt: skip
+    engine = TransformersEngine(
+        folder, dtype=dtype, max_loras=2, lean_decode=lean, fused_kernels=fused, packed_weights=packed
+    )
     assert (engine.lean is not None and engine.lean.kernels is not None) == (lean and fused and engine.lean is not None)
+    # the fused forwards' matmuls run on prepacked weights exactly where asked for, in bf16
+    fused_on = engine.lean is not None and engine.lean.kernels is not None
+    want_packed = fused_on and packed and dtype == torch.bfloat16 and packing_available(engine.head.weight)
+    assert engine.stats().extra["packed_weights"] == float(want_packed)
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     names = BATCHES[batch]
@@ -99,6 +109,32 @@ def test_lean_decode_in_bf16_matches_transformers_forward(arch_model):
         assert ids(a)[:4] == ids(b)[:4]
         same = [(x.logprob, y.logprob) for x, y in zip(a, b, strict=True) if x.token_id == y.token_id]
         assert all(abs(x - y) <= 0.05 for x, y in same)
+
+
+@pytest.mark.skipif(not bf16_is_fast(torch.device("cpu")), reason="no fast bf16 on this CPU (emulated, slow)")
+@pytest.mark.parametrize("batch", ["mixed", "base"])
+def test_packed_weights_give_the_same_answers(arch_model, batch, monkeypatch):
+    """bf16 through the fused kernels, with the projections' and the head's weights prepacked for oneDNN
+    (`serve/packed.py`) and without: the same tokens and log-probabilities (oneDNN's blocked matmul gives the same
+    bits as its plain one). Packing runs on the thread building the engine's matmuls, never the main thread
+    (`serve/threads.py`): the engine is made here on the main thread."""
+    arch, folder, adapters = arch_model
+    if arch == "qwen3":
+        pytest.skip("not a lean architecture")
+    threads = []
+    pack = Linear._pack
+
+    def recording(self, rows_hint):
+        threads.append(threading.current_thread())
+        return pack(self, rows_hint)
+
+    monkeypatch.setattr(Linear, "_pack", recording)
+    _, packed = _outputs(folder, adapters, lean=True, dtype=torch.bfloat16, fused=True, batch=batch)
+    assert threads and threading.main_thread() not in threads
+    _, plain = _outputs(folder, adapters, lean=True, dtype=torch.bfloat16, fused=True, batch=batch, packed=False)
+    for a, b in zip(packed, plain, strict=True):
+        assert ids(a) == ids(b)
+        assert [t.logprob for t in a] == [t.logprob for t in b]
 
 
 def _error_against(outputs, reference):
