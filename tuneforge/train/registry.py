@@ -31,7 +31,7 @@ Recipe = Callable[[TrainSpec, EventWriter, threading.Event], Outcome]
 
 RECIPES: dict[str, str | None] = {
     "sft": "tuneforge.train.recipes.sft:run",  # supervised fine-tuning, LoRA or full
-    "dpo": None,  # reserved: preference tuning (Hyper already carries its knobs)
+    "dpo": "tuneforge.train.recipes.dpo:run",  # preference tuning (DPO, RPO, SimPO), LoRA or full
 }
 
 

@@ -17,6 +17,7 @@ from tuneforge.storage.layout import checkpoint_prefix, final_prefix
 from tuneforge.store import files as files_repo
 from tuneforge.store import jobs as repo
 from tuneforge.store.tables import JobRow
+from tuneforge.train import registry
 from tuneforge.train.spec import PLAN_VERSION
 
 MODEL = SMOLLM2.name
@@ -109,15 +110,28 @@ def test_lora_full_and_dpo_bodies(ft, train_file: str) -> None:
     HandWrittenResponse.model_validate(full)
 
 
-def test_a_method_that_no_recipe_implements_is_refused_at_create(ft) -> None:
-    """DPO is in the contract and in the model's limits, but no recipe trains it yet: refused before any job."""
+def test_dpo_on_preference_data_is_accepted_with_its_knobs(ft) -> None:
     prefs = ft.upload(ft.preferences, name="prefs.jsonl")
+    job = ft.create(ft.sdk_body(prefs, training_method=DPO))
+    assert job["training_method"]["method"] == "dpo"
+    hyper = plan_of(_row(ft, job["id"])).hyper
+    assert plan_of(_row(ft, job["id"])).method == "dpo"
+    assert (hyper.dpo_beta, hyper.dpo_normalize_logratios_by_length, hyper.dpo_reference_free) == (0.1, True, True)
+
+
+def test_a_method_that_no_recipe_implements_is_refused_at_create(ft, monkeypatch) -> None:
+    """A method in the contract and in the model's limits that no recipe on this server trains (the registry
+    reserves its name): refused before any job."""
+    monkeypatch.setitem(registry.RECIPES, "dpo", None)
+    prefs = ft.upload(ft.preferences, name="prefs-reserved.jsonl")
+    with ft.app.state.db.session() as s:
+        before = len(repo.list_jobs(s, owner="alice"))
     r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(prefs, training_method=DPO), headers=ft.alice)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "training_method.method" and "dpo" in error["message"] and "sft" in error["message"]
     with ft.app.state.db.session() as s:
-        assert repo.list_jobs(s, owner="alice") == []
+        assert len(repo.list_jobs(s, owner="alice")) == before
 
 
 @pytest.mark.parametrize(
@@ -245,7 +259,7 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("training_file", {"training_file": ""}),
     ("training_type", {"model": "test/plain", "training_type": {"type": "Full"}}),
     ("training_method.method", {"model": "test/plain", "training_method": DPO}),
-    ("training_method.method", {"training_method": DPO}),
+    ("training_file", {"training_method": DPO}),  # conversations, not preference pairs
 ]
 
 

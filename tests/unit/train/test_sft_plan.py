@@ -165,13 +165,15 @@ def test_bf16_is_only_used_where_it_is_fast():
     assert bf16_is_fast(torch.device("cpu")) is fast
 
 
-def test_the_recipe_table_is_torch_free_and_refuses_unknown_or_reserved_names():
-    assert registry.available() == ["sft"]
+def test_the_recipe_table_is_torch_free_and_refuses_unknown_or_reserved_names(monkeypatch):
+    assert registry.available() == ["sft", "dpo"]
     with pytest.raises(InvalidRequestError, match="unknown"):
         registry.load_recipe("ppo")
+    assert callable(registry.load_recipe("sft")) and callable(registry.load_recipe("dpo"))
+    monkeypatch.setitem(registry.RECIPES, "dpo", None)  # a name reserved for a recipe not built
+    assert registry.available() == ["sft"]
     with pytest.raises(InvalidRequestError, match="not available"):
         registry.load_recipe("dpo")
-    assert callable(registry.load_recipe("sft"))
 
 
 # ---- the entry point: one result line per run, whatever happens --------------------------------------------------
@@ -218,6 +220,7 @@ def test_every_failure_ends_with_one_readable_result(tmp_path, monkeypatch, rais
 
 
 def test_a_reserved_recipe_is_a_user_error_and_a_completed_run_exits_zero(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.RECIPES, "dpo", None)
     path, spec = _spec_file(tmp_path, method="dpo")
     assert entry.main([str(path)]) == 1
     assert _results(spec)[0]["status"] == "user_error"

@@ -20,24 +20,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.catalog.loading import download_folder, resolve_model_dir
 from tuneforge.data.tokenization.examples import (
     NO_TRAINED,
     NO_TRAINED_AFTER_TRUNCATION,
     TokenizationReport,
     TokenizedExample,
 )
-from tuneforge.data.tokenization.templates import adopt_training_template
 from tuneforge.data.tokenization.tokenize import tokenize_blob
 from tuneforge.errors import InvalidRequestError
 from tuneforge.storage import BlobStore, open_blob_store
-from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, final_prefix, tokenized_key
+from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, tokenized_key
 from tuneforge.train import wandb_log
 from tuneforge.train.batching import (
     Row,
@@ -49,11 +44,18 @@ from tuneforge.train.batching import (
     split_by_tokens,
     steps_per_epoch,
 )
-from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
+from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, write_manifest
 from tuneforge.train.events import EventWriter
 from tuneforge.train.fencing import check_current
 from tuneforge.train.hardware import bf16_is_fast, compute_dtype, max_batch_examples, plan_memory, set_threads
 from tuneforge.train.loss import causal_lm, trained_token_loss
+from tuneforge.train.recipes.common import (
+    build_model,
+    manifest_base,
+    prepare_model_files,
+    save_finals,
+    save_model,
+)
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler
 from tuneforge.train.spec import TrainSpec
@@ -78,36 +80,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     torch.manual_seed(hp.seed)
 
     # ---- 1. Model files: the base, plus the weights to start from (a checkpoint to resume, or from_checkpoint).
-    # A resumed LoRA run whose job started from whole weights needs both: those weights and the checkpoint's adapter.
-    out.event("model_downloading", f"Preparing the base model {spec.model.name}")
-    base_dir = resolve_model_dir(spec.model, spec.cache_dir, blobs=blobs)
-    resume_dir = _fetch(blobs, spec.resume.key, work / "resume-from") if spec.resume else None
-    init_needed = spec.init is not None and (resume_dir is None or (lora and not spec.init.adapter))
-    init_dir = _fetch(blobs, spec.init.key, work / "init-from") if spec.init and init_needed else None
-    init_adapter = bool(spec.init and spec.init.adapter)
-    if resume_dir is not None:
-        weights_dir = resume_dir if not lora else (init_dir if init_dir is not None else base_dir)
-        adapter_dir = resume_dir if lora else None
-    else:
-        weights_dir = init_dir if init_dir is not None and not init_adapter else base_dir
-        adapter_dir = init_dir if init_dir is not None and init_adapter else None
-    if adapter_dir is not None and not lora:
-        raise InvalidRequestError("full fine-tuning cannot start from a LoRA adapter; start from merged weights")
-    start_dir = resume_dir or init_dir
-    tokenizer_dir = start_dir if start_dir and (start_dir / "tokenizer_config.json").is_file() else base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    pad_id = _pad_id(tokenizer)
-    note = ""
-    adopted = adopt_training_template(tokenizer)
-    if adopted:
-        note = (f"; its chat template renders earlier turns differently once later ones follow, so multi-turn "
-                f"conversations are tokenized with TRL's prefix-preserving {adopted} template (saved with the "
-                "outputs)")  # fmt: skip
-    if spec.resume is not None:
-        note = f" (resuming from step {spec.resume.step}){note}"
-    elif spec.init is not None:
-        note = f" (continuing from {spec.init.key}, step {spec.init.step}){note}"
-    out.event("model_download_complete", f"Base model {spec.model.name} is ready{note}")
+    files = prepare_model_files(spec, blobs, work, out)
+    tokenizer, pad_id, resume_dir = files.tokenizer, files.pad_id, files.resume_dir
     if stop.is_set():
         return Outcome("cancelled", "Cancelled before training started")
 
@@ -163,21 +137,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         return Outcome("cancelled", "Cancelled before training started")
 
     # ---- 3. Model: fp32 weights (bf16 autocast where it is fast, or where spec.dtype asks), LoRA or full.
-    save_dtype = _checkpoint_dtype(AutoConfig.from_pretrained(str(base_dir)))
-    load = {"dtype": torch.float32, "attn_implementation": "sdpa", "use_cache": False}
-    model: Any = AutoModelForCausalLM.from_pretrained(str(weights_dir), **load)
-    if lora:
-        if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-        else:
-            targets = hp.lora_target_modules
-            cfg = LoraConfig(r=hp.lora_r, lora_alpha=hp.alpha, lora_dropout=hp.lora_dropout,
-                             target_modules=targets if targets == "all-linear" else list(targets),
-                             task_type="CAUSAL_LM")  # fmt: skip
-            model = get_peft_model(model, cfg)
-        model.peft_config["default"].base_model_name_or_path = spec.model.name
-    model.to(device)
-    model.train()
+    model = build_model(spec, files, device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total_params = sum(p.numel() for p in model.parameters())
@@ -225,16 +185,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
     eval_at = set(evenly_spaced(hp.n_evals, total_steps)) if val_rows else set()
     ckpt_at = set(checkpoint_steps(hp.n_checkpoints, total_steps))
-    manifest_base = {
-        "base_model": spec.model.name,
-        "base_source": msgspec.to_builtins(spec.model),
-        "method": METHOD,
-        "training_type": hp.training_type,
-        "spec_digest": spec.digest(),
-        "job_id": spec.job_id,
-        "output_name": spec.output_name,
-        "total_steps": total_steps,
-    }
+    manifest = manifest_base(spec, METHOD, total_steps)
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -263,13 +214,13 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     def save_checkpoint(at_step: int, at_epoch: int, in_epoch: int) -> None:
         folder = work / "checkpoints" / f"step-{at_step:06d}"
         shutil.rmtree(folder, ignore_errors=True)
-        _save_weights(model, tokenizer, folder)
+        save_model(model, tokenizer, folder)
         if in_epoch >= per_epoch:
             at_epoch, in_epoch = at_epoch + 1, 0
         state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
                  "plan_digest": plan_digest, "early_stopping": early, "total_steps": total_steps}  # fmt: skip
         save_resume(folder / RESUME_DIR, optimizer=optimizer, scheduler=scheduler, state=state)
-        write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest_base)
+        write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest)
         prefix = checkpoint_prefix(spec.job_id, at_step)
         check_current(blobs, spec.job_id, spec.attempt)
         publish(blobs, folder, prefix)
@@ -365,27 +316,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
     # ---- 5. Save: the adapter and the merged model (LoRA) or the whole model (full), each self-describing.
     out.event("training_complete", f"Training completed at step {step} of {total_steps}", step=step)
-    out.event("model_uploading", "Uploading the final weights")
-    finals = ["adapter", "merged"] if lora else ["model"]
-    final_meta = dict(manifest_base, step=step, early_stopped=early_stopped)
-    for variant in finals:
-        folder = work / "final" / variant
-        shutil.rmtree(folder, ignore_errors=True)
-        if variant == "merged":
-            model = model.merge_and_unload()
-        if variant != "adapter":
-            model.to(save_dtype)
-        _save_weights(model, tokenizer, folder)
-        write_manifest(folder, kind=variant, adapter=variant == "adapter", **final_meta)
-        prefix = final_prefix(spec.job_id, variant)
-        check_current(blobs, spec.job_id, spec.attempt)
-        publish(blobs, folder, prefix)
-        out.checkpoint(step, prefix, kind="final", adapter=variant == "adapter")
-    main_prefix = final_prefix(spec.job_id, finals[-1])
-    out.event("model_upload_complete", f"Final weights uploaded ({', '.join(finals)})", model_path=main_prefix,
-              step=step)  # fmt: skip
-    shutil.rmtree(work / "resume-from", ignore_errors=True)
-    shutil.rmtree(work / "init-from", ignore_errors=True)
+    final_meta = dict(manifest, step=step, early_stopped=early_stopped)
+    main_prefix = save_finals(spec, blobs, work, out, model, files, step=step, meta=final_meta)
     how = f"early-stopped at step {step} of {total_steps}" if early_stopped else f"{step} steps"
     data: dict[str, Any] = {"step": step, "total_steps": total_steps, "model_path": main_prefix}
     if early["best"] is not None:
@@ -394,19 +326,6 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
 
 # ---- helpers (plain functions; nothing here holds state between calls) -------------------------------------------
-
-
-def _fetch(blobs: BlobStore, prefix: str, target: Path) -> Path:
-    """A checkpoint or output folder, copied from the blob store into the work folder."""
-    download_folder(blobs, prefix, target)
-    return target
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _tokenize(
@@ -476,24 +395,6 @@ def _write_tokenized(blobs: BlobStore, key: str, examples: list[TokenizedExample
     pq.write_table(table, buf)
     with blobs.writer(key) as w:
         w.write(buf.getvalue())
-
-
-def _checkpoint_dtype(config: Any) -> torch.dtype:
-    """The dtype the base model was stored in (final whole-model weights are saved in it); fp32 otherwise."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-
-
-def _save_weights(model: Any, tokenizer: Any, folder: Path) -> None:
-    """Save with `use_cache` on in the stored config (training turns it off; serving wants it)."""
-    config = causal_lm(model).config
-    config.use_cache = True
-    try:
-        save_weights(model, tokenizer, folder)
-    finally:
-        config.use_cache = False
 
 
 @torch.no_grad()
