@@ -1,4 +1,5 @@
-"""Benchmark: LoRA SFT throughput of tuneforge's SFT recipe against TRL's SFTTrainer, same run, same data and model.
+"""Benchmark: LoRA SFT and DPO throughput of tuneforge's recipes against TRL's SFTTrainer and DPOTrainer, same run,
+same data and model.
 
 SmolLM2-135M-Instruct (the catalog's GGUF entry, converted once into --cache), LoRA r=8 / alpha 16 on all linear
 layers, sequence length 512, generated conversations of varied length. Our side is the real recipe
@@ -25,12 +26,14 @@ FLOPs per token = 4 x body params (forward plus activation gradients; frozen wei
 
     python bench/train_throughput.py [--steps 5] [--dtype auto|fp32|bf16] [--seq 512] [--examples 96]
                                      [--cache DIR] [--no-baseline] [--model smollm2|tiny] [--peak-seconds 3]
+                                     [--no-dpo]
 
 `--model tiny` is a random ~100k-parameter llama (tests, and bf16 runs where bf16 is emulated); its figures say
 nothing about real throughput. Timings drift up to 3x on a shared machine: compare the two figures of one run, not
 figures across runs. The `cpu_*` figures divide by this process's CPU time per thread instead of wall time, which
 neighbours disturb less. The last line printed is one JSON object (tok_s, baseline_tok_s, ratio, dtype,
-peak_gflops (of that dtype), peak_gflops_fp32, peak_gflops_bf16, mfu, ...).
+peak_gflops (of that dtype), peak_gflops_fp32, peak_gflops_bf16, mfu, ..., dpo_tok_s, dpo_baseline_tok_s,
+dpo_ratio, dpo_reference_seconds, dpo_epoch_ratio).
 """
 
 from __future__ import annotations
@@ -90,6 +93,20 @@ def conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
             ]
         }
         for _ in range(n)
+    ]
+
+
+def preference_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`conversations` as preference pairs (api-contract `preference_openai`): each question with its own answer
+    preferred to the next conversation's answer."""
+    convs = conversations(n, seed)
+    return [
+        {
+            "input": {"messages": c["messages"][:-1]},
+            "preferred_output": [c["messages"][-1]],
+            "non_preferred_output": [convs[(i + 1) % n]["messages"][-1]],
+        }
+        for i, c in enumerate(convs)
     ]
 
 
@@ -203,6 +220,7 @@ class BenchEvents(EventWriter):
         self.events: dict[str, dict[str, Any]] = {}
         self.clock = (time.perf_counter(), time.process_time())
         self.peak_rss_gb = 0.0
+        self.last_step = 0
 
     def event(self, type_: str, message: str, *, level: str = "info", **data: Any) -> None:
         super().event(type_, message, level=level, **data)
@@ -222,6 +240,9 @@ class BenchEvents(EventWriter):
 
     def progress(self, step: int, total_steps: int, **extra: Any) -> None:
         super().progress(step, total_steps, **extra)
+        if step <= self.last_step:  # a heartbeat during a long pass (DPO's reference), not a step
+            return
+        self.last_step = step
         if step == 1:  # our first step ran alone: its peak is ours only
             self.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             self.turns.first_step.set()
@@ -235,17 +256,19 @@ class BenchEvents(EventWriter):
 
 def run_ours(
     model: ModelSource, cache: str, rows: list[dict[str, Any]], seq: int, steps: int, tmp: Path, turns: Turns,
-    dtype: str, fail_at: int,
+    dtype: str, fail_at: int, method: str = "sft",
 ) -> dict[str, Any]:  # fmt: skip
-    from tuneforge.train.recipes.sft import run
+    from tuneforge.train.registry import load_recipe
 
-    blobs = open_blob_store(str(tmp / "blobs"))
+    run = load_recipe(method)
+    work = tmp / f"ours-{method}"
+    blobs = open_blob_store(str(work / "blobs"))
     with blobs.writer("files/bench") as w:
         w.write("".join(json.dumps(r) + "\n" for r in rows).encode())
-    plan = standalone_plan(model, Hyper(max_seq_length=seq, learning_rate=1e-4, n_epochs=1))
+    plan = standalone_plan(model, Hyper(max_seq_length=seq, learning_rate=1e-4, n_epochs=1), method=method)  # type: ignore[arg-type]
     spec = TrainSpec(
-        job_id="ft-bench", plan=plan, storage_url=str(tmp / "blobs"), cache_dir=cache, work_dir=str(tmp / "work"),
-        events_path=str(tmp / "work" / "events.jsonl"), training_file_key="files/bench", output_prefix="jobs/ft-bench",
+        job_id="ft-bench", plan=plan, storage_url=str(work / "blobs"), cache_dir=cache, work_dir=str(work / "work"),
+        events_path=str(work / "work" / "events.jsonl"), training_file_key="files/bench", output_prefix="jobs/ft-bench",
         output_name="bench/smollm2", dtype=dtype,
     )  # fmt: skip
     stop = threading.Event()
@@ -262,6 +285,8 @@ def run_ours(
         "examples_per_step": start["batch_size"],
         "trainable": start["trainable_params"],
         "trained_share": data["trained_tokens"] / max(1, data["token_count"]),
+        "token_count": data["token_count"],
+        "reference_seconds": start.get("reference_seconds"),
         "peak_rss_gb": out.peak_rss_gb,
         "outcome": outcome.status,
         "dtype": start.get("dtype"),
@@ -270,12 +295,14 @@ def run_ours(
 
 def run_trl(
     model_dir: Path, rows: list[dict[str, Any]], seq: int, steps: int, tmp: Path, bf16: bool, turns: Turns,
-    fail: bool,
+    fail: bool, method: str = "sft",
 ) -> dict[str, Any]:  # fmt: skip
+    """TRL's trainer with its defaults: `SFTTrainer` on conversations, `DPOTrainer` on preference pairs (its
+    conversational format: prompt, chosen, rejected; the reference is the base with the adapter disabled)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     tokens: list[int] = []
     times: list[float] = []
@@ -298,11 +325,21 @@ def run_trl(
     if fail:  # where TRL refused bf16 on a CPU before use_cpu was set
         raise RuntimeError("injected failure of the baseline before its first step (--fail-baseline)")
     # use_cpu: both sides train on the CPU, and transformers allows bf16 (autocast over fp32 weights) there only then.
-    config = SFTConfig(output_dir=str(tmp / "trl"), use_cpu=True, bf16=bf16, fp16=False, max_length=seq,
-                       max_steps=1 + steps, report_to="none", save_strategy="no", disable_tqdm=True)  # fmt: skip
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[Timer()])  # fmt: skip
+    common = {"output_dir": str(tmp / f"trl-{method}"), "use_cpu": True, "bf16": bf16, "fp16": False,
+              "max_length": seq, "max_steps": 1 + steps, "report_to": "none", "save_strategy": "no",
+              "disable_tqdm": True}  # fmt: skip
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer: Any
+    if method == "dpo":
+        config: Any = DPOConfig(**common)
+        pairs = [{"prompt": r["input"]["messages"], "chosen": r["preferred_output"],
+                  "rejected": r["non_preferred_output"]} for r in rows]  # fmt: skip
+        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])  # fmt: skip
+    else:
+        config = SFTConfig(**common)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])  # fmt: skip
     collate = trainer.data_collator
 
     def counting(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -319,7 +356,7 @@ def run_trl(
         "batch_size": config.per_device_train_batch_size,
         "gradient_checkpointing": config.gradient_checkpointing,
         "mixed_precision": trainer.accelerator.mixed_precision,  # what accelerate's autocast really uses
-        "lengths": [len(x) for x in trainer.train_dataset["input_ids"]],
+        "lengths": [len(x) for x in trainer.train_dataset["input_ids"]] if method == "sft" else [],
     }
 
 
@@ -343,6 +380,7 @@ def main() -> None:
         help="tiny: a random ~100k-parameter llama (tests; its figures say nothing about throughput)",
     )
     ap.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring each matmul peak")
+    ap.add_argument("--no-dpo", action="store_true", help="the SFT comparison only")
     ap.add_argument("--fail-baseline", action="store_true", help=argparse.SUPPRESS)  # tests: the baseline raises
     ap.add_argument("--fail-ours", action="store_true", help=argparse.SUPPRESS)  # tests: ours raises at step 2
     a = ap.parse_args()
@@ -369,30 +407,23 @@ def main() -> None:
     model_dir = resolve_model_dir(source, a.cache)
     print(f"model folder {model_dir} ({time.perf_counter() - t:.1f}s)", flush=True)
     rows = conversations(a.examples)
-    turns = Turns(enabled=not a.no_baseline)
-    found: dict[str, Any] = {}
-
-    def side(name: str, over: threading.Event, work: Callable[[], dict[str, Any]]) -> None:
-        try:
-            found[name] = work()
-        except BaseException as exc:
-            turns.fail(name, exc)
-        finally:
-            over.set()  # the other side takes its remaining steps without waiting for this one
-
-    ours = functools.partial(run_ours, source, a.cache, rows, a.seq, a.steps, tmp, turns, dtype,
-                             fail_at=2 if a.fail_ours else 0)  # fmt: skip
-    sides = [threading.Thread(target=side, args=("ours", turns.ours_over, ours), name="ours", daemon=True)]
-    if not a.no_baseline:
-        trl = functools.partial(run_trl, model_dir, rows, a.seq, a.steps, tmp, use_bf16, turns, a.fail_baseline)
-        sides.append(threading.Thread(target=side, args=("baseline", turns.trl_over, trl), name="trl", daemon=True))
-    for thread in sides:
-        thread.start()
-    for thread in sides:  # daemon threads: after a failure nothing waits for them, whatever they are doing
-        while thread.is_alive() and not turns.failed.is_set():
-            thread.join(POLL_S)
-        if turns.failed.is_set():
-            abort(turns, tmp)
+    fail_at = 2 if a.fail_ours else 0
+    found = compare(
+        functools.partial(run_ours, source, a.cache, rows, a.seq, a.steps, tmp, dtype=dtype, fail_at=fail_at),
+        None if a.no_baseline else functools.partial(run_trl, model_dir, rows, a.seq, a.steps, tmp, use_bf16,
+                                                     fail=a.fail_baseline),
+        tmp,
+    )  # fmt: skip
+    dpo_found: dict[str, Any] = {}
+    if not a.no_dpo:
+        pairs = preference_pairs(a.examples)
+        dpo_found = compare(
+            functools.partial(run_ours, source, a.cache, pairs, a.seq, a.steps, tmp, dtype=dtype, fail_at=0,
+                              method="dpo"),
+            None if a.no_baseline else functools.partial(run_trl, model_dir, pairs, a.seq, a.steps, tmp, use_bf16,
+                                                         fail=False, method="dpo"),
+            tmp,
+        )  # fmt: skip
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -441,7 +472,72 @@ def main() -> None:
         "steps_timed": a.steps,
         "threads": threads,
     }
+    if dpo_found:
+        result.update(dpo_figures(dpo_found, timed))
     print(json.dumps(result))
+
+
+def dpo_figures(found: dict[str, dict[str, Any]], timed: slice) -> dict[str, Any]:
+    """The DPO comparison's figures: step tokens/s of each side (a pair's prompt counted with each completion, as
+    both sides forward it), their ratio, and what our precomputed reference costs: `dpo_reference_seconds` once
+    per run, and `dpo_epoch_ratio`, one epoch of this data at each side's median step rate with that cost added
+    to ours (TRL's default computes the reference inside every step instead)."""
+    mine, base = found["ours"], found.get("baseline")
+    tok_s = statistics.median(mine["rates"][timed])
+    out: dict[str, Any] = {
+        "dpo_tok_s": round(tok_s, 2),
+        "dpo_examples_per_step": mine["examples_per_step"],
+        "dpo_reference_seconds": round(mine["reference_seconds"] or 0.0, 2),
+        "dpo_per_step_tok_s": [round(r, 1) for r in mine["rates"]],
+        "dpo_baseline_tok_s": None,
+        "dpo_ratio": None,
+    }
+    if base:
+        base_tok_s = statistics.median(base["rates"][timed])
+        pairs = [o / b for o, b in zip(mine["rates"][timed], base["rates"][timed], strict=False)]
+        tokens = mine["token_count"]
+        ours_epoch = (mine["reference_seconds"] or 0.0) + tokens / tok_s
+        out.update(
+            dpo_baseline_tok_s=round(base_tok_s, 2),
+            dpo_ratio=round(tok_s / base_tok_s, 3),
+            dpo_paired_ratio_median=round(statistics.median(pairs), 3),
+            dpo_epoch_ratio=round((tokens / base_tok_s) / ours_epoch, 3),
+            dpo_baseline_batch_size=base["batch_size"],
+            dpo_baseline_gradient_checkpointing=base["gradient_checkpointing"],
+            dpo_baseline_per_step_tok_s=[round(r, 1) for r in base["rates"]],
+        )
+    return out
+
+
+def compare(
+    ours: Callable[..., dict[str, Any]], trl: Callable[..., dict[str, Any]] | None, tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """Our recipe and (unless None) TRL's trainer, taking turns one step each (`Turns`), each in its own thread;
+    {"ours": ..., "baseline": ...}. A failure on either side ends the bench at once (`abort`)."""
+    turns = Turns(enabled=trl is not None)
+    found: dict[str, Any] = {}
+
+    def side(name: str, over: threading.Event, work: Callable[[], dict[str, Any]]) -> None:
+        try:
+            found[name] = work()
+        except BaseException as exc:
+            turns.fail(name, exc)
+        finally:
+            over.set()  # the other side takes its remaining steps without waiting for this one
+
+    work = functools.partial(ours, turns=turns)
+    sides = [threading.Thread(target=side, args=("ours", turns.ours_over, work), name="ours", daemon=True)]
+    if trl is not None:
+        base = functools.partial(trl, turns=turns)
+        sides.append(threading.Thread(target=side, args=("baseline", turns.trl_over, base), name="trl", daemon=True))
+    for thread in sides:
+        thread.start()
+    for thread in sides:  # daemon threads: after a failure nothing waits for them, whatever they are doing
+        while thread.is_alive() and not turns.failed.is_set():
+            thread.join(POLL_S)
+        if turns.failed.is_set():
+            abort(turns, tmp)
+    return found
 
 
 def abort(turns: Turns, tmp: Path) -> None:

@@ -47,6 +47,7 @@ class RepoFile:
     path: str
     data: bytes
     lfs: bool
+    listed_size: int | None = None  # the size the tree listing claims (a huge model's metadata, without its bytes)
 
     @property
     def sha256(self) -> str:
@@ -62,9 +63,10 @@ class RepoFile:
         return git_blob_id(self.pointer if self.lfs else self.data)
 
     def tree_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"type": "file", "oid": self.oid, "size": len(self.data), "path": self.path}
+        size = self.listed_size if self.listed_size is not None else len(self.data)
+        entry: dict[str, Any] = {"type": "file", "oid": self.oid, "size": size, "path": self.path}
         if self.lfs:
-            entry["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": len(self.pointer)}
+            entry["lfs"] = {"oid": self.sha256, "size": size, "pointerSize": len(self.pointer)}
         return entry
 
 
@@ -127,18 +129,21 @@ class HubStandin:
         gated: bool = False,
         token: str | None = None,
         skip: tuple[str, ...] = (),
+        listed_sizes: dict[str, int] | None = None,
     ) -> str:
         """Publish every file under `folder` (but `skip`) as branch `revision` of `repo_id`; returns the commit sha.
 
         A private repo is visible only with `token`; a gated one lists publicly but serves its files only with `token`
         (an account that accepted its conditions). Another revision of the same repo adds a branch. Files are read now.
+        `listed_sizes`: sizes the tree listing claims for some files (a model too large to host, by its metadata).
         """
         root = Path(folder)
         files = {}
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root).as_posix()
             if p.is_file() and rel not in skip:
-                files[rel] = RepoFile(rel, p.read_bytes(), lfs=p.name.endswith(LFS_SUFFIXES))
+                files[rel] = RepoFile(rel, p.read_bytes(), lfs=p.name.endswith(LFS_SUFFIXES),
+                                      listed_size=(listed_sizes or {}).get(rel))  # fmt: skip
         digest = hashlib.sha1(repo_id.encode() + revision.encode())
         for f in files.values():
             digest.update(f.path.encode() + b"\0" + f.oid.encode())

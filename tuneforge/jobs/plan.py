@@ -22,7 +22,7 @@ from tuneforge.catalog.entries import ModelEntry, ModelLimits
 from tuneforge.catalog.registry import Catalog
 from tuneforge.catalog.source import ModelSource
 from tuneforge.data.formats import PREFERENCE_FORMATS, PRETOKENIZED_FORMAT, SFT_FORMATS
-from tuneforge.errors import InvalidRequestError, NotFoundError
+from tuneforge.errors import InvalidRequestError, NotFoundError, TuneForgeError
 from tuneforge.jobs import references as refs
 from tuneforge.jobs.request import FineTuneCreate, TrainingMethodIn, TrainingTypeIn
 from tuneforge.jobs.stored_plan import plan_of
@@ -63,6 +63,7 @@ class Planned:
 
     plan: JobPlan
     secrets: dict[str, str]
+    training_format: str = ""  # the training file's dataset format (its check's report)
 
 
 @dataclass
@@ -111,6 +112,7 @@ def build_plan(
         parent = _resolve_parent(s, catalog, owner=owner, ref=ckpt or "", p=p)
         entry = parent.entry
     source = _model_source(p, catalog, entry, parent, body, hf=hf if model else None)
+    byom = bool(model and hf) and catalog_entry_of(catalog, hf or "") is None
 
     tm = body.training_method or TrainingMethodIn()
     method = _check_method(p, tm, entry)
@@ -173,12 +175,13 @@ def build_plan(
         suffix=suffix,
         from_checkpoint=ckpt,
         from_hf_model=hf,
+        byom=byom,
         hf_model_revision=refs.present(body.hf_model_revision),
         hf_output_repo_name=refs.present(body.hf_output_repo_name),
         train_vision=train_vision if lim.supports_vision else None,
         wandb=WandbConfig(**wandb_fields) if wants_wandb else None,
     )
-    return Planned(plan=plan, secrets=secrets)
+    return Planned(plan=plan, secrets=secrets, training_format=format_of(train))
 
 
 def check_text_and_numbers(p: Problems, value: Any, *, path: str) -> None:
@@ -224,16 +227,40 @@ def _model_source(
         return parent.plan.model_source
     source, revision = entry, entry.revision
     if hf:
-        hf_entry = next((e for e in catalog.list() if hf in (e.name, e.source)), None)
-        if hf_entry is None:
-            p.add(
-                "from_hf_model",
-                f"from_hf_model {hf!r}: starting from a Hugging Face repo that is not in the model catalog is not "
-                "supported on this server; add the repo to the catalog first",
-            )
-        else:
-            source, revision = hf_entry, refs.present(body.hf_model_revision) or hf_entry.revision
+        hf_entry = catalog_entry_of(catalog, hf)
+        if hf_entry is None:  # bring your own model: the repo itself, checked by `byom_check` before queueing
+            if not HUB_REPO_RE.fullmatch(hf):
+                p.add("from_hf_model", f"from_hf_model must be a Hugging Face repo id such as 'org/name' (got {hf!r})")
+            return ModelSource(name=hf, source_kind="hub", source=hf, revision=refs.present(body.hf_model_revision))
+        source, revision = hf_entry, refs.present(body.hf_model_revision) or hf_entry.revision
     return ModelSource(name=source.name, source_kind=source.source_kind, source=source.source, revision=revision)
+
+
+def catalog_entry_of(catalog: Catalog, hf: str) -> ModelEntry | None:
+    """The catalog entry a from_hf_model names (by its name or its hub repo), if any."""
+    return next((e for e in catalog.list() if hf in (e.name, e.source)), None)
+
+
+# A hub repo id: an optional owner, a name (the hub's own rule: letters, digits, '-', '_', '.', up to 96 each).
+HUB_REPO_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def byom_check(plan: JobPlan, catalog: Catalog, *, token: str | None, conversational: bool) -> None:
+    """Read a bring-your-own-model repo from the hub (with the job's token only) and refuse, naming
+    from_hf_model, whatever would fail in training (`catalog/inspect.py`). Call it outside a database session:
+    it waits on the hub."""
+    from tuneforge.catalog.inspect import host_memory_bytes, inspect_hub_model, refuse_unusable
+
+    src = plan.model_source
+    try:
+        info = inspect_hub_model(src.source, src.revision, token)
+    except TuneForgeError as exc:  # the hub's refusal: about from_hf_model
+        exc.param = exc.param or "from_hf_model"
+        raise
+    template = catalog.find(plan.model)
+    refuse_unusable(info, template=plan.model, template_params=template.params if template else None,
+                    training_type=plan.hyper.training_type, conversational=conversational,
+                    host_bytes=host_memory_bytes())  # fmt: skip
 
 
 def _check_method(p: Problems, tm: TrainingMethodIn, entry: ModelEntry) -> str:

@@ -418,7 +418,13 @@ def _run_env(settings: Settings, plan: JobPlan, secrets: dict[str, str]) -> dict
         extra["WANDB_API_KEY"] = key
     if secrets.get("hf_api_token"):
         extra["HF_TOKEN"] = str(secrets["hf_api_token"])
-    return child_environment(**extra)
+    env = child_environment(**extra)
+    if plan.byom and not secrets.get("hf_api_token"):
+        # a repo the user chose: only the user's credentials may open it, never the server's own token
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            env.pop(name, None)
+        env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    return env
 
 
 __all__ = ["Run", "Worker", "new_worker_id", "work_dir"]

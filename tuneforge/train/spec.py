@@ -115,6 +115,7 @@ class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     suffix: str | None = None
     from_checkpoint: str | None = None
     from_hf_model: str | None = None
+    byom: bool = False  # from_hf_model is a hub repo outside the catalog; `model` names the template whose limits apply
     hf_model_revision: str | None = None
     hf_output_repo_name: str | None = None
     train_vision: bool | None = None  # None: the model is not a vision model

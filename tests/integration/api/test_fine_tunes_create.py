@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import together
+from huggingface_hub import constants as hf_constants
 from together.lib.types.fine_tuning import FinetuneResponse as HandWrittenResponse
 from together.types import FinetuneResponse
 
@@ -248,7 +249,7 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("early_stopping_patience", {"early_stopping_enabled": True, "early_stopping_patience": 0}),
     ("model", {"from_checkpoint": "ft-00000000-0000-0000-0000-000000000000"}),
     ("model", {"model": None}),
-    ("from_hf_model", {"from_hf_model": "someone/not-in-the-catalog"}),
+    ("from_hf_model", {"from_hf_model": "not a repo id"}),
     ("hf_model_revision", {"hf_model_revision": "main"}),
     ("multimodal_params.train_vision", {"multimodal_params": {"train_vision": True}}),
     ("random_seed", {"random_seed": -1}),
@@ -418,7 +419,7 @@ def test_from_checkpoint_starts_from_the_parent_weights(ft, train_file: str) -> 
     assert r.status_code == 400 and "from_checkpoint" in r.json()["error"]["message"]
 
 
-def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str) -> None:
+def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str, monkeypatch) -> None:
     _add_models(ft)
     job = ft.create(
         ft.sdk_body(
@@ -440,5 +441,13 @@ def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str) -> No
         r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, model="test/vision", **changes),
                            headers=ft.alice)  # fmt: skip
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # A repo outside the catalog (bring your own model) is read from the hub before the job is queued: a hub that
+    # cannot be reached is a 503 naming from_hf_model, and no job.
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with ft.app.state.db.session() as s:
+        before = len(repo.list_jobs(s, owner="alice"))
     r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, from_hf_model="org/elsewhere"), headers=ft.alice)
-    assert r.status_code == 400 and "not supported on this server" in r.json()["error"]["message"]
+    assert r.status_code == 503 and r.json()["error"]["param"] == "from_hf_model", r.text
+    assert "could not be reached" in r.json()["error"]["message"] and "retry later" in r.json()["error"]["message"]
+    with ft.app.state.db.session() as s:
+        assert len(repo.list_jobs(s, owner="alice")) == before

@@ -1,6 +1,7 @@
 """bench/train_throughput.py on the tiny model: a failure on either side ends the whole bench at once with that side's
 error (it once waited 30 minutes for a baseline that had failed before its first step), and with --dtype bf16 both
-sides train under bf16 autocast on any CPU (TRL's SFTTrainer only with use_cpu) and report their figures."""
+sides train under bf16 autocast on any CPU (TRL's SFTTrainer only with use_cpu) and report their figures, for SFT
+and for DPO (against TRL's DPOTrainer)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,8 @@ def test_forced_bf16_runs_both_sides_under_bf16_and_reports_both_peaks(tmp_path)
     for key in ("tok_s", "baseline_tok_s", "ratio", "mfu"):
         assert result[key] > 0, key
     assert len(result["ours_per_step_tok_s"]) == len(result["baseline_per_step_tok_s"]) == 3  # warm-up + 2 timed
+    # the DPO comparison of the same run: our recipe against TRL's DPOTrainer, both in bf16
+    for key in ("dpo_tok_s", "dpo_baseline_tok_s", "dpo_ratio", "dpo_reference_seconds", "dpo_epoch_ratio"):
+        assert result[key] > 0, key
+    assert len(result["dpo_per_step_tok_s"]) == len(result["dpo_baseline_per_step_tok_s"]) == 3
+    assert "DPO training of LoRA weights" in proc.stdout  # our DPO recipe's training_start

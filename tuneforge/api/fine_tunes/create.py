@@ -11,8 +11,9 @@ import hashlib
 import json
 
 from tuneforge.catalog.registry import Catalog
+from tuneforge.data.formats import PREFERENCE_FORMATS
 from tuneforge.jobs import queue
-from tuneforge.jobs.plan import build_plan
+from tuneforge.jobs.plan import build_plan, byom_check
 from tuneforge.jobs.request import FineTuneCreate
 from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore
@@ -31,5 +32,8 @@ def create_job(
     """Check the request and store the job as `queued`. Returns the job and whether it is new (False: a retry)."""
     with db.session() as s:
         planned = build_plan(s, blobs, catalog, owner=owner, body=body, wandb_base_urls=settings.wandb_base_urls)
+    if planned.plan.byom:  # a hub repo outside the catalog: read before the job is queued
+        conversational = planned.training_format in ("conversation", *PREFERENCE_FORMATS)
+        byom_check(planned.plan, catalog, token=planned.secrets.get("hf_api_token"), conversational=conversational)
     return queue.enqueue(db, planned, owner=owner, request_hash=request_hash(body),
                          window_s=settings.duplicate_job_window_s)  # fmt: skip

@@ -249,6 +249,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     reference: torch.Tensor | None = None
     val_reference: torch.Tensor | None = None
     reference_note = "reference-free (SimPO)" if hp.dpo_reference_free else ""
+    reference_seconds: float | None = None
     if not hp.dpo_reference_free:
         kept = resume_dir / RESUME_DIR / REFERENCE_FILE if resume_dir is not None else None
         if kept is not None and kept.is_file():
@@ -264,8 +265,9 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             reference = reference_logps(model, pairs, pad_id, budget, device, autocast, beat)
             if val_pairs:
                 val_reference = reference_logps(model, val_pairs, pad_id, budget, device, autocast, beat)
+            reference_seconds = time.perf_counter() - started
             reference_note = (f"reference log-probabilities of {len(pairs) + len(val_pairs):,} pairs computed in "
-                              f"{time.perf_counter() - started:.1f}s")  # fmt: skip
+                              f"{reference_seconds:.1f}s")  # fmt: skip
         elif val_pairs and (val_reference is None or val_reference.shape[0] != len(val_pairs)):
             out.event("warning", "The checkpoint holds no reference log-probabilities for the validation data; "
                       "its reference is now the resumed weights", level="warning")  # fmt: skip
@@ -296,6 +298,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         eval_steps=len(eval_at),
         step=step,
         dtype="bf16" if use_bf16 else "fp32",
+        reference_seconds=reference_seconds,
     )
 
     def save_checkpoint(at_step: int, at_epoch: int, in_epoch: int) -> None:
