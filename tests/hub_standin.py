@@ -17,12 +17,18 @@ access `404 RepoNotFound`; a gated repo lists for anyone but its files answer `4
 `403 GatedRepo` with one not granted; a token nobody issued is `401` "Invalid credentials in Authorization header"; an
 unknown revision `404 RevisionNotFound`; an unknown file `404 EntryNotFound`. Anything else is a plain 404.
 
+Uploads (what `huggingface_hub.upload_folder` asks, with a token in `write_tokens`): `POST /api/repos/create`
+(409 when it exists), `POST /api/models/{repo}/preupload/{rev}` (every file "regular": its bytes travel base64 in
+the commit, which the client accepts; no LFS upload is offered) and `POST /api/models/{repo}/commit/{rev}` (the
+NDJSON commit: a new commit on the branch with the files added). A token without write access gets `403`.
+
 Every request is logged (`HubStandin.requests`) with its method, path, listener and Authorization header, so tests can
 say what was fetched and with which credentials. Use it as a context manager; `url` is the value for `HF_ENDPOINT`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -112,6 +118,7 @@ class HubStandin:
     def __init__(self, *, tree_page_size: int = 1000) -> None:
         self.repos: dict[str, Repo] = {}
         self.issued_tokens: set[str] = set()
+        self.write_tokens: set[str] = set()
         self.tree_page_size = tree_page_size
         self._log: list[Request] = []
         self._lock = threading.Lock()
@@ -158,10 +165,60 @@ class HubStandin:
             repo.branches[revision] = commit
         return commit.sha
 
-    def issue_token(self, token: str) -> str:
-        """A valid token that grants no repo (a real account without access)."""
+    def issue_token(self, token: str, *, write: bool = False) -> str:
+        """A valid token that grants no repo (a real account without access); `write`: it may create repos and push
+        to them."""
         self.issued_tokens.add(token)
+        if write:
+            self.write_tokens.add(token)
         return token
+
+    # -- uploads -----------------------------------------------------------------------------------------------------
+    def _writer(self, authorization: str | None) -> str:
+        token = self._token(authorization)
+        if token is None:
+            raise HubError(401, "Authorization header is required to write", "RepoNotFound")
+        if token not in self.write_tokens:
+            raise HubError(403, "You don't have the rights to write to this namespace (read-only token)")
+        return token
+
+    def create_repo(self, body: dict[str, Any], authorization: str | None) -> tuple[int, dict[str, Any]]:
+        token = self._writer(authorization)
+        name, org = str(body.get("name") or ""), body.get("organization")
+        repo_id = f"{org}/{name}" if org else name
+        with self._lock:
+            if repo_id in self.repos:
+                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            repo = Repo(repo_id, private=bool(body.get("private")), tokens={token})
+            repo.branches["main"] = Commit(sha=hashlib.sha1(repo_id.encode()).hexdigest(), files={})
+            self.repos[repo_id] = repo
+        return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
+
+    def preupload(self, repo_id: str, body: dict[str, Any], authorization: str | None) -> dict[str, Any]:
+        self._writer(authorization)
+        self._repo(repo_id, authorization)
+        files = body.get("files") or []
+        return {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+
+    def commit(self, repo_id: str, revision: str, lines: list[dict[str, Any]], authorization: str | None) -> str:
+        self._writer(authorization)
+        repo = self._repo(repo_id, authorization)
+        with self._lock:
+            parent = repo.branches.get(revision) or Commit(sha="", files={})
+            files = dict(parent.files)
+            for line in lines:
+                value = line.get("value") or {}
+                if line.get("key") == "file":
+                    data = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else b""
+                    files[value["path"]] = RepoFile(value["path"], data, lfs=value["path"].endswith(LFS_SUFFIXES))
+                elif line.get("key") == "deletedFile":
+                    files.pop(value["path"], None)
+                elif line.get("key") == "lfsFile":
+                    raise HubError(400, "this stand-in takes regular uploads only")
+            digest = hashlib.sha1(parent.sha.encode() + repr(sorted((p, f.oid) for p, f in files.items())).encode())
+            commit = Commit(sha=digest.hexdigest(), files=files)
+            repo.branches[revision] = commit
+        return commit.sha
 
     # -- the request log -------------------------------------------------------------------------------------------
     @property
@@ -336,6 +393,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(head=True)
 
+    def do_POST(self) -> None:
+        self._answer(head=False)
+
     def _answer(self, *, head: bool) -> None:
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
@@ -371,6 +431,8 @@ class _Handler(BaseHTTPRequestHandler):
             if f is None:
                 raise HubError(404, "Not found")
             return self._send_file(f.data, {"ETag": f'"{f.sha256}"'}, head=head)
+        if self.command == "POST":
+            return self._post(segments, auth)
         if segments[:2] == ["api", "models"] and len(segments) >= 4:
             repo_id = "/".join(segments[2:4])
             rest = segments[4:]
@@ -392,6 +454,25 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(302, b"", "text/plain", headers, head=head)
             headers["ETag"] = f'"{f.oid}"'
             return self._send_file(f.data, headers, head=head)
+        raise HubError(404, "Not found")
+
+    def _post(self, segments: list[str], auth: str | None) -> int:
+        hub = self.standin
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if segments == ["api", "validate-yaml"]:  # a README's metadata block, checked before a commit: accepted
+            return self._send(200, b'{"errors": [], "warnings": []}', "application/json", {}, head=False)
+        if segments == ["api", "repos", "create"]:
+            status, answer = hub.create_repo(json.loads(body or b"{}"), auth)
+            return self._send(status, json.dumps(answer).encode(), "application/json", {}, head=False)
+        if segments[:2] == ["api", "models"] and len(segments) == 6 and segments[4] in ("preupload", "commit"):
+            repo_id, revision = "/".join(segments[2:4]), segments[5]
+            if segments[4] == "preupload":
+                answer = hub.preupload(repo_id, json.loads(body or b"{}"), auth)
+            else:
+                lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                sha = hub.commit(repo_id, revision, lines, auth)
+                answer = {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+            return self._send(200, json.dumps(answer).encode(), "application/json", {}, head=False)
         raise HubError(404, "Not found")
 
     def _send_page(self, raw_path: str, query: dict[str, list[str]], entries: list[Any], *, head: bool) -> int:

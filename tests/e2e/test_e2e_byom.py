@@ -1,12 +1,15 @@
-"""Bring your own model end to end: `from_hf_model` names a repo outside the catalog on the loopback hub stand-in
-(tests/hub_standin.py, through HF_ENDPOINT), `model` the catalog template whose limits apply, created and watched
-through the real `together` SDK.
+"""Bring your own model, and pushing results to the hub, end to end: `from_hf_model` names a repo outside the
+catalog on the loopback hub stand-in (tests/hub_standin.py, through HF_ENDPOINT), `model` the catalog template whose
+limits apply, created and watched through the real `together` SDK.
 
 A public repo trains, at its default revision and at another one; a private repo trains with the job's token. What
 cannot work is refused at create, naming from_hf_model and the reason, before any job exists: a private repo without
 a token (the server's own token, which could read it, is never used for a repo the user chose), a model that is not a
 causal LM, one of more than 100B parameters (by its files' sizes), and a model without a chat template for
 conversational data.
+
+`hf_output_repo_name` pushes the final adapter, its config and a model card to the stand-in with the job's token; a
+push the hub refuses (a read-only token) leaves a completed job with a warning event.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ pytestmark = pytest.mark.timeout(300)
 PUBLIC, PRIVATE = "byom-org/public-llama", "byom-org/private-llama"
 ENCODER, HUGE, PLAIN = "byom-org/an-encoder", "byom-org/huge-llama", "byom-org/no-chat-template"
 TOKEN, SERVER_TOKEN = f"hf_byom_{unique()}", f"hf_server_{unique()}"
+WRITER, READER = f"hf_writer_{unique()}", f"hf_reader_{unique()}"
 SMALL = {"n_epochs": 1, "batch_size": 4, "n_checkpoints": 1}
 
 
@@ -64,6 +68,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubStandin]:
     (plain / "tokenizer_config.json").write_text(json.dumps(tok))
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     standin.add_repo(PLAIN, plain)
+    standin.issue_token(WRITER, write=True)
+    standin.issue_token(READER)
     with standin:
         yield standin
 
@@ -100,6 +106,12 @@ def jobs(alice: Together, data: str) -> dict[str, str]:
         "public": create_job(alice, data, from_hf_model=PUBLIC, suffix="public", **SMALL),
         "v2": create_job(alice, data, from_hf_model=PUBLIC, hf_model_revision="v2", suffix="v2", **SMALL),
         "private": create_job(alice, data, from_hf_model=PRIVATE, hf_api_token=TOKEN, suffix="private", **SMALL),
+        "push": create_job(
+            alice, data, hf_output_repo_name="me-org/pushed", hf_api_token=WRITER, suffix="push", **SMALL
+        ),
+        "refused": create_job(
+            alice, data, hf_output_repo_name="me-org/refused", hf_api_token=READER, suffix="refused", **SMALL
+        ),
     }
     return {name: str(job.id) for name, job in made.items()}
 
@@ -152,3 +164,31 @@ def test_what_cannot_work_is_refused_at_create_with_its_reason(alice: Together, 
     assert "revision 'no-such-branch'" in message, message
     message = _refused(alice, data, from_hf_model="not a repo id")
     assert "Hugging Face repo id" in message, message
+
+
+def test_the_final_adapter_and_a_model_card_are_pushed_with_the_jobs_token(
+    alice: Together, jobs: dict[str, str], hub: HubStandin
+):
+    job = Watch(alice, jobs["push"]).completed(timeout=240)
+    files = hub.repos["me-org/pushed"].branches["main"].files
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files), sorted(files)
+    card = files["README.md"].data.decode()
+    assert "base_model: tiny/llama" in card and "library_name: peft" in card, card
+    assert "- examples: 8" in card and "final training loss:" in card and "| learning_rate |" in card, card
+    writes = [r for r in hub.requests if r.method == "POST" and "me-org/pushed" in r.path]  # preupload, commit
+    assert len(writes) >= 2 and {r.authorization for r in writes} == {f"Bearer {WRITER}"}, writes
+    pushed = [e for e in events(alice, job.id) if e.type == "model_upload_complete" and "pushed" in e.message]
+    assert pushed and "me-org/pushed" in pushed[0].message, [e.message for e in events(alice, job.id)]
+
+
+def test_a_refused_push_leaves_a_completed_job_with_a_warning(alice: Together, jobs: dict[str, str]):
+    job = Watch(alice, jobs["refused"]).completed(timeout=240)
+    warnings = [e.message for e in events(alice, job.id) if e.type == "warning"]
+    assert any("could not be pushed" in m and "me-org/refused" in m for m in warnings), warnings
+    assert all(READER not in m for m in warnings)
+
+
+def test_a_push_needs_the_jobs_own_token(alice: Together, data: str):
+    with pytest.raises(together.BadRequestError) as refused:
+        alice.fine_tuning.create(training_file=data, model=TINY_LLAMA, lora=True, hf_output_repo_name="me-org/x")
+    assert "needs hf_api_token" in str(refused.value)

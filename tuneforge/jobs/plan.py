@@ -141,9 +141,14 @@ def build_plan(
     elif train_vision:
         p.add("multimodal_params.train_vision", "train_vision is not available on this server yet: no recipe trains "
               "a vision tower")  # fmt: skip
-    if refs.present(body.hf_output_repo_name) is not None:
-        p.add("hf_output_repo_name", "hf_output_repo_name is not available on this server yet: outputs are kept here "
-              "and downloaded with `together fine-tuning download`, not pushed to the Hugging Face Hub")  # fmt: skip
+    push_to = refs.present(body.hf_output_repo_name)
+    if push_to is not None:
+        if not HUB_REPO_RE.fullmatch(push_to) or "/" not in push_to:
+            p.add("hf_output_repo_name", "hf_output_repo_name must be a Hugging Face repo id 'namespace/name' "
+                  f"(got {push_to!r})")  # fmt: skip
+        if not refs.present(body.hf_api_token):
+            p.add("hf_output_repo_name", "hf_output_repo_name needs hf_api_token: a token with write access to that "
+                  "repo's namespace (the server's own credentials never push)")  # fmt: skip
     p.raise_if_any()
     secrets = {k: v for k, v in (("wandb_key", body.wandb_key), ("hf_api_token", body.hf_api_token)) if v}
     wandb_fields = {

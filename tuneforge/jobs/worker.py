@@ -37,6 +37,7 @@ from tuneforge.store import jobs as repo
 from tuneforge.store.states import TERMINAL, JobStatus
 from tuneforge.store.tables import CheckpointRow, JobRow
 from tuneforge.train.events import Checkpoint, Event, Metric, Progress, Record, Result, read_events
+from tuneforge.train.push import PUSH_TOKEN_ENV
 from tuneforge.train.spec import JobPlan
 
 log = logging.getLogger("tuneforge.worker")
@@ -418,6 +419,8 @@ def _run_env(settings: Settings, plan: JobPlan, secrets: dict[str, str]) -> dict
         extra["WANDB_API_KEY"] = key
     if secrets.get("hf_api_token"):
         extra["HF_TOKEN"] = str(secrets["hf_api_token"])
+        if plan.hf_output_repo_name:  # pushes use the job's own token, never the server's HF_TOKEN
+            extra[PUSH_TOKEN_ENV] = str(secrets["hf_api_token"])
     env = child_environment(**extra)
     if plan.byom and not secrets.get("hf_api_token"):
         # a repo the user chose: only the user's credentials may open it, never the server's own token

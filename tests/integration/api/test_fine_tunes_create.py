@@ -435,7 +435,7 @@ def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str, monke
     assert (source.name, source.source_kind, source.source, source.revision) == (
         "test/vision", "hub", "org/vision-repo", "abc123"
     )  # fmt: skip
-    # No recipe trains a vision tower or pushes to the hub yet: asked for, they are refused by name.
+    # No recipe trains a vision tower yet, and a push to the hub needs the job's own token: refused by name.
     for changes, param in (({"multimodal_params": {"train_vision": True}}, "multimodal_params.train_vision"),
                            ({"hf_output_repo_name": "me/out"}, "hf_output_repo_name")):  # fmt: skip
         r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, model="test/vision", **changes),

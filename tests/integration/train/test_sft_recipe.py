@@ -275,3 +275,20 @@ def test_a_run_superseded_by_a_later_attempt_publishes_nothing_more(tmp_path, ti
     assert run_in_process(job) == 0
     assert [r["status"] for r in job.records() if r["kind"] == "result"] == ["error", "completed"]
     assert job.blobs.list(final_prefix("ft-fenced", "adapter"))
+
+
+def test_parquet_ids_past_the_vocabulary_are_a_user_error_naming_the_row(tmp_path, tiny_model):
+    import io
+
+    import pyarrow as pa
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    table = pa.table({"input_ids": [[1, 2, 3, 4], [5, vocab + 7, 6, 7]], "labels": [[-100, 2, 3, 4], [-100, 6, 6, 7]]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    job = make_job(tmp_path, tiny_model, job_id="ft-vocab", raw=buf.getvalue(), training_file_type="parquet")
+    assert run_in_process(job) == 1
+    result = job.result()
+    assert result["status"] == "user_error", result
+    assert f"row 2: input_ids holds token id {vocab + 7}, outside the model's vocabulary" in result["message"]
+    assert "training_start" not in job.types()

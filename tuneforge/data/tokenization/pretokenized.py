@@ -14,11 +14,15 @@ from tuneforge.data.tokenization.examples import IGNORE, MALFORMED, Tokenization
 _BATCH_ROWS = 4096
 
 
-def read_parquet(stream: BinaryIO, *, max_seq_length: int) -> tuple[list[TokenizedExample], TokenizationReport]:
+def read_parquet(
+    stream: BinaryIO, *, max_seq_length: int, vocab_size: int | None = None
+) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Every row of a validated pre-tokenized parquet file, cut at `max_seq_length` tokens (keeping the start).
 
     Raises:
-        ValueError: the file is not readable parquet or has no `input_ids` column.
+        ValueError: the file is not readable parquet or has no `input_ids` column, or (given `vocab_size`, the
+            model's embedding rows) a row holds a token id or label outside [0, vocab_size), named by its 1-based
+            row number.
     """
     import pyarrow.parquet as pq
 
@@ -34,6 +38,7 @@ def read_parquet(stream: BinaryIO, *, max_seq_length: int) -> tuple[list[Tokeniz
     columns = [c for c in ("input_ids", "attention_mask", "labels", "position_ids") if c in names]
     report = TokenizationReport(format="parquet")
     out: list[TokenizedExample] = []
+    row = 0
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
         data = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
         empty: list[Any] = [None] * batch.num_rows
@@ -44,8 +49,25 @@ def read_parquet(stream: BinaryIO, *, max_seq_length: int) -> tuple[list[Tokeniz
             data.get("position_ids", empty),
             strict=True,
         ):
+            row += 1
+            if vocab_size is not None:
+                _check_vocabulary(row, ids, labels, vocab_size)
             _row(ids, mask, labels, pos, max_seq_length, report, out)
     return out, report
+
+
+def _check_vocabulary(row: int, ids: Any, labels: Any, vocab_size: int) -> None:
+    """A token id the model has no embedding for would fail (or, on some devices, read garbage) in training."""
+    for column, values in (("input_ids", ids), ("labels", labels)):
+        if not isinstance(values, list):
+            continue
+        bad = next((t for t in values if isinstance(t, int) and not 0 <= t < vocab_size
+                    and not (column == "labels" and t == IGNORE)), None)  # fmt: skip
+        if bad is not None:
+            raise ValueError(
+                f"row {row}: {column} holds token id {bad}, outside the model's vocabulary of {vocab_size:,} ids "
+                f"(0 to {vocab_size - 1:,}{', or -100 for an untrained label' if column == 'labels' else ''})"
+            )
 
 
 def _row(

@@ -245,6 +245,7 @@ def tokenize_blob(
     dataset_format: str | None,
     train_on_inputs: bool | str,
     max_seq_length: int,
+    vocab_size: int | None = None,
 ) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Tokenize a stored SFT dataset file.
 
@@ -255,15 +256,16 @@ def tokenize_blob(
         dataset_format: the validated format; None detects it from the first record. Ignored for parquet.
         train_on_inputs: as for `tokenize_records` (parquet rows keep their own labels).
         max_seq_length: as for `tokenize_records`.
+        vocab_size: the model's vocabulary (embedding rows): parquet token ids outside it are refused.
 
     Returns:
-        The kept examples and the report; errors name the 1-based line.
+        The kept examples and the report; errors name the 1-based line (parquet: row).
 
     Raises:
         ValueError: an unknown file type or format, or a record that cannot be rendered (see `tokenize_records`).
     """
     if filetype == "parquet":
-        return read_parquet(stream, max_seq_length=max_seq_length)
+        return read_parquet(stream, max_seq_length=max_seq_length, vocab_size=vocab_size)
     if filetype != "jsonl":
         raise ValueError(f"cannot tokenize file type {filetype!r}; use jsonl or parquet")
     skipped = TokenizationReport()

@@ -24,6 +24,7 @@ from tuneforge.train.checkpoints import publish, save_weights, write_manifest
 from tuneforge.train.events import EventWriter
 from tuneforge.train.fencing import check_current
 from tuneforge.train.loss import causal_lm
+from tuneforge.train.push import push_to_hub
 from tuneforge.train.spec import TrainSpec
 
 
@@ -113,11 +114,12 @@ def manifest_base(spec: TrainSpec, method: str, total_steps: int) -> dict[str, A
 
 def save_finals(
     spec: TrainSpec, blobs: BlobStore, work: Path, out: EventWriter, model: Any, files: ModelFiles, *, step: int,
-    meta: dict[str, Any],
+    meta: dict[str, Any], facts: dict[str, Any] | None = None,
 ) -> str:  # fmt: skip
     """Save and upload the final weights: the adapter and the merged model (LoRA) or the whole model (full, in the
     dtype the base model was stored in), each self-describing, with their events; returns the main output's
-    prefix."""
+    prefix. With `hf_output_repo_name`, the adapter (LoRA) or the model (full) is also pushed to the hub with a
+    model card built from `facts` (`train/push.py`)."""
     lora = spec.hyper.training_type == "lora"
     tokenizer = files.tokenizer
     save_dtype = checkpoint_dtype(AutoConfig.from_pretrained(str(files.base_dir)))
@@ -134,14 +136,26 @@ def save_finals(
         write_manifest(folder, kind=variant, adapter=variant == "adapter", **meta)
         prefix = final_prefix(spec.job_id, variant)
         check_current(blobs, spec.job_id, spec.attempt)
-        publish(blobs, folder, prefix)
+        pushed = variant == finals[0] and bool(spec.plan.hf_output_repo_name)
+        publish(blobs, folder, prefix, keep_local=pushed)
         out.checkpoint(step, prefix, kind="final", adapter=variant == "adapter")
+        if pushed:
+            push_to_hub(spec, folder, out, adapter=lora, facts=dict(facts or {}, step=step))
+            shutil.rmtree(folder, ignore_errors=True)
     main_prefix = final_prefix(spec.job_id, finals[-1])
     out.event("model_upload_complete", f"Final weights uploaded ({', '.join(finals)})", model_path=main_prefix,
               step=step)  # fmt: skip
     shutil.rmtree(work / "resume-from", ignore_errors=True)
     shutil.rmtree(work / "init-from", ignore_errors=True)
     return main_prefix
+
+
+def vocab_size(folder: Path) -> int | None:
+    """The vocabulary (embedding rows) of the model stored in `folder`, from its config (a multimodal model's text
+    config), where it says."""
+    config = AutoConfig.from_pretrained(str(folder))
+    size = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
+    return int(size) if size else None
 
 
 def fetch(blobs: BlobStore, prefix: str, target: Path) -> Path:

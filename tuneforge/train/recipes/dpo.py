@@ -323,6 +323,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     # ---- 5. Train: each step takes `batch_size` pairs, in `accumulation` micro-batches, each forwarded in chunks of
     # whole pairs (chosen and rejected in one forward). The loss is the mean over the step's pairs.
     cancelled = False
+    last_loss: float | None = None  # the model card's
+    last_eval: float | None = None
     for epoch in range(first_epoch, hp.n_epochs):
         plan = plan_epoch(len(pairs), batch_size=batch_size, seed=hp.seed, epoch=epoch)
         for k in range(skip, len(plan)):
@@ -374,12 +376,14 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                 "train/epoch": epoch_pos,
             }
             out.metric(step, **values)
+            last_loss = values["train/loss"]
             out.progress(step, total_steps, epoch=epoch_pos)
             if wandb_run is not None:
                 wandb_run.log(values, step=step)
             if step in eval_at:
                 ev = _evaluate(model, val_pairs, val_reference, hp, pad_id, budget, device, autocast)
                 out.metric(step, **ev)
+                last_eval = ev["eval/loss"]
                 if wandb_run is not None:
                     wandb_run.log(ev, step=step)
                 out.event("eval_complete", f"Evaluation at step {step}: loss {ev['eval/loss']:.4f}, reward accuracy "
@@ -401,7 +405,11 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
     # ---- 6. Save: as SFT's.
     out.event("training_complete", f"Training completed at step {step} of {total_steps}", step=step)
-    main_prefix = save_finals(spec, blobs, work, out, model, files, step=step, meta=dict(manifest, step=step))
+    facts = {"examples": report.examples, "tokens": total_tokens, "trained_tokens": report.trained_tokens,
+             "total_steps": total_steps, "batch_size": batch_size, "final_loss": last_loss,
+             "eval_loss": last_eval}  # fmt: skip
+    main_prefix = save_finals(spec, blobs, work, out, model, files, step=step, meta=dict(manifest, step=step),
+                              facts=facts)  # fmt: skip
     data: dict[str, Any] = {"step": step, "total_steps": total_steps, "model_path": main_prefix}
     return Outcome("completed", f"Training completed ({step} steps)", data)
 

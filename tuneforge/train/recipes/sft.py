@@ -55,6 +55,7 @@ from tuneforge.train.recipes.common import (
     prepare_model_files,
     save_finals,
     save_model,
+    vocab_size,
 )
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler
@@ -87,7 +88,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
     # ---- 2. Data: tokenize (masking per train_on_inputs), check, publish the tokenized set; one row per example.
     out.event("training_data_downloading", "Downloading and tokenizing the training file")
-    examples, report = _tokenize(blobs, spec.training_file_key, spec.training_file_type, tokenizer, spec)
+    vocab = vocab_size(files.weights_dir)
+    examples, report = _tokenize(blobs, spec.training_file_key, spec.training_file_type, tokenizer, spec, vocab)
     _refuse_unusable(report, "training", hp.max_seq_length)
     total_tokens = report.trained_tokens + report.masked_tokens
     out.event(
@@ -116,7 +118,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     if spec.validation_file_key and hp.n_evals > 0:
         out.event("validation_data_downloading", "Downloading and tokenizing the validation file")
         val_type = _sniff_filetype(blobs, spec.validation_file_key)
-        val_examples, val_report = _tokenize(blobs, spec.validation_file_key, val_type, tokenizer, spec)
+        val_examples, val_report = _tokenize(blobs, spec.validation_file_key, val_type, tokenizer, spec, vocab)
         _refuse_unusable(val_report, "validation", hp.max_seq_length)
         val_rows = [example_row(e) for e in val_examples]
         out.event(
@@ -232,6 +234,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     # trained token of the whole step, so neither the micro-batches, the rows nor the chunks change the arithmetic.
     early_stopped = False
     cancelled = False
+    last_loss: float | None = None  # the model card's
+    last_eval: float | None = None
     for epoch in range(first_epoch, hp.n_epochs):
         plan = plan_epoch(len(rows), batch_size=batch_size, seed=hp.seed, epoch=epoch)
         for k in range(skip, len(plan)):
@@ -267,6 +271,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                 "train/epoch": epoch_pos,
             }
             out.metric(step, **values)
+            last_loss = loss
             out.progress(step, total_steps, epoch=epoch_pos)
             if wandb_run is not None:
                 wandb_run.log(values, step=step)
@@ -276,6 +281,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                 eval_loss, eval_acc = _evaluate(model, val_rows, pad_id, mem.tokens_per_forward, device, autocast, beat)
                 early["evals"] += 1
                 out.metric(step, **{"eval/loss": eval_loss, "eval/token_accuracy": eval_acc})
+                last_eval = eval_loss
                 if wandb_run is not None:
                     wandb_run.log({"eval/loss": eval_loss, "eval/token_accuracy": eval_acc}, step=step)
                 out.event("eval_complete", f"Evaluation at step {step}: loss {eval_loss:.4f}, token accuracy "
@@ -317,7 +323,10 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     # ---- 5. Save: the adapter and the merged model (LoRA) or the whole model (full), each self-describing.
     out.event("training_complete", f"Training completed at step {step} of {total_steps}", step=step)
     final_meta = dict(manifest, step=step, early_stopped=early_stopped)
-    main_prefix = save_finals(spec, blobs, work, out, model, files, step=step, meta=final_meta)
+    facts = {"examples": report.examples, "tokens": total_tokens, "trained_tokens": report.trained_tokens,
+             "total_steps": total_steps, "batch_size": batch_size, "final_loss": last_loss,
+             "eval_loss": last_eval}  # fmt: skip
+    main_prefix = save_finals(spec, blobs, work, out, model, files, step=step, meta=final_meta, facts=facts)
     how = f"early-stopped at step {step} of {total_steps}" if early_stopped else f"{step} steps"
     data: dict[str, Any] = {"step": step, "total_steps": total_steps, "model_path": main_prefix}
     if early["best"] is not None:
@@ -329,14 +338,16 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
 
 def _tokenize(
-    blobs: BlobStore, key: str, filetype: str, tokenizer: Any, spec: TrainSpec
+    blobs: BlobStore, key: str, filetype: str, tokenizer: Any, spec: TrainSpec, vocab: int | None
 ) -> tuple[list[TokenizedExample], TokenizationReport]:
-    """Tokenize a stored file; a file that cannot be read as a dataset is the user's to fix."""
+    """Tokenize a stored file; a file that cannot be read as a dataset (or whose pre-tokenized ids fall outside
+    the model's vocabulary `vocab`) is the user's to fix."""
     hp = spec.hyper
     try:
         with blobs.open(key) as stream:
             return tokenize_blob(stream, filetype=filetype, tokenizer=tokenizer, dataset_format=None,
-                                 train_on_inputs=hp.train_on_inputs, max_seq_length=hp.max_seq_length)  # fmt: skip
+                                 train_on_inputs=hp.train_on_inputs, max_seq_length=hp.max_seq_length,
+                                 vocab_size=vocab)  # fmt: skip
     except ValueError as exc:
         raise InvalidRequestError(f"The file {key.rsplit('/', 1)[-1]} could not be tokenized: {exc}") from exc
 

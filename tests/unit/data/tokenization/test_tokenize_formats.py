@@ -243,3 +243,22 @@ def test_preview_row_shape(tok):
     assert json.loads(json.dumps(row)) == row
     with pytest.raises(ValueError):
         render_preview_row([1, 2], [1], tok)
+
+
+@pytest.mark.parametrize(
+    ("column", "rows", "words"),
+    [
+        ("input_ids", [[5, 6], [7, 16]], "row 2: input_ids holds token id 16, outside the model's vocabulary of 16"),
+        ("input_ids", [[-1, 6]], "row 1: input_ids holds token id -1"),
+        ("labels", [[5, 99]], "row 1: labels holds token id 99"),
+    ],
+)
+def test_parquet_ids_outside_the_vocabulary_are_refused_by_row(column, rows, words):
+    data = {"input_ids": [[5, 6]] * len(rows), "labels": [[-100, 6]] * len(rows)} | {column: rows}
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        tokenize_blob(_parquet(data), filetype="parquet", tokenizer=_NoCalls(), dataset_format=None,
+                      train_on_inputs=False, max_seq_length=8, vocab_size=16)  # fmt: skip
+    # -100 labels are fine, and without a vocabulary nothing is checked
+    ok = {"input_ids": [[5, 15]], "labels": [[-100, 15]]}
+    assert tokenize_blob(_parquet(ok), filetype="parquet", tokenizer=_NoCalls(), dataset_format=None,
+                         train_on_inputs=False, max_seq_length=8, vocab_size=16)[0]  # fmt: skip
