@@ -152,3 +152,23 @@ def test_bad_preference_data_stops_before_training(tmp_path, tiny_model, rows, w
     result = job.result()
     assert result["status"] == "user_error" and words in result["message"]
     assert "training_start" not in job.types()
+
+
+def test_micro_batches_and_evaluations(tmp_path, tiny_model):
+    """A step's loss is the mean over its pairs however it is split: 2 micro-batches give 1's curve (in fp32: under
+    bf16 autocast, differently padded forwards round differently, ~1e-3 in a sequence's log-probability);
+    evaluations on a validation file report loss, margin and reward accuracy."""
+    hyper = {"batch_size": 8, "n_epochs": 3, "seed": 5, "dpo_beta": 0.5, "learning_rate": 5e-3}
+    one = make_job(tmp_path, tiny_model, job_id="ft-dpo-one", hyper=hyper, rows=PAIRS, method="dpo", dtype="fp32")
+    assert run_in_process(one) == 0, one.result()
+    two = make_job(tmp_path, tiny_model, job_id="ft-dpo-two", hyper=hyper | {"gradient_accumulation_steps": 2,
+                   "n_evals": 3}, rows=PAIRS, validation=PAIRS[:4], method="dpo", dtype="fp32")  # fmt: skip
+    assert run_in_process(two) == 0, two.result()
+    assert two.metric("train/loss") == pytest.approx(one.metric("train/loss"), rel=1e-5)
+    assert two.metric("train/rewards/margins") == pytest.approx(one.metric("train/rewards/margins"), abs=1e-5)
+    assert two.metric("train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy is the reference
+    evals = [r["values"] for r in two.records() if r["kind"] == "metric" and "eval/loss" in r["values"]]
+    assert len(evals) == 3 and all(set(e) == {"eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"}
+                                   for e in evals)  # fmt: skip
+    assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"]
+    assert two.types().count("eval_complete") == 3
