@@ -110,17 +110,24 @@ def keys_revoke(
 @models_app.command("list")
 def models_list(home: HomeOpt = None) -> None:
     """List the catalog: name, source and the main limits."""
+    from tuneforge.catalog.cache import model_folder
     from tuneforge.catalog.registry import Catalog
     from tuneforge.storage import open_blob_store
 
     settings = _settings(home)
     settings.ensure_home()
-    typer.echo(f"{'NAME':<45} {'SOURCE':<60} {'MAX SEQ':>8} {'LORA':>5} {'FULL':>5}")
-    for e in Catalog(open_blob_store(settings.storage_url)).list():
+    cache = settings.home / "models"
+    typer.echo(f"{'NAME':<50} {'SOURCE':<60} {'PARAMS':>7} {'MAX SEQ':>8} {'LORA':>5} {'FULL':>5} {'DPO':>5} "
+               f"{'VISION':>6} {'DOWNLOADED':>10}")  # fmt: skip
+    for e in Catalog(open_blob_store(settings.storage_url), hosted=settings.hosted_catalog).list():
         source = f"{e.source_kind}:{e.source}"
         lim = e.limits
+        params = f"{e.params / 1e9:.2g}B" if e.params and e.params >= 1e9 else (
+            f"{e.params / 1e6:.0f}M" if e.params else "-")  # fmt: skip
+        downloaded = model_folder(cache, e) is not None
         typer.echo(
-            f"{e.name:<45} {source:<60} {lim.max_seq_length:>8} {lim.supports_lora!s:>5} {lim.supports_full!s:>5}"
+            f"{e.name:<50} {source:<60} {params:>7} {lim.max_seq_length:>8} {lim.supports_lora!s:>5} "
+            f"{lim.supports_full!s:>5} {lim.supports_dpo!s:>5} {lim.supports_vision!s:>6} {downloaded!s:>10}"
         )
 
 
@@ -157,7 +164,7 @@ def models_add(
     settings = _settings(home)
     settings.ensure_home()
     try:
-        Catalog(open_blob_store(settings.storage_url)).add(entry, replace=replace)
+        Catalog(open_blob_store(settings.storage_url), hosted=settings.hosted_catalog).add(entry, replace=replace)
     except TuneForgeError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc
@@ -174,7 +181,7 @@ def models_remove(name: Annotated[str, typer.Argument()], home: HomeOpt = None) 
     settings = _settings(home)
     settings.ensure_home()
     try:
-        Catalog(open_blob_store(settings.storage_url)).remove(name)
+        Catalog(open_blob_store(settings.storage_url), hosted=settings.hosted_catalog).remove(name)
     except TuneForgeError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc

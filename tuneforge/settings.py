@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     storage_url: str = Field("", description="fsspec URL of the blob root; default <home>/blobs")
     host: str = "127.0.0.1"
     port: int = 8000
+    hosted_catalog: bool = Field(
+        True,
+        description="list the hosted service's models by their names (catalog/hosted.py), downloaded from the "
+        "hub on first use; 0: only the built-in and added models",
+    )
     public_url: str = Field(
         "", description="base URL clients reach the server at (for upload URLs); default: the request's own"
     )

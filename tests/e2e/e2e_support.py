@@ -76,6 +76,7 @@ def _server_env(extra: dict[str, str] | None) -> dict[str, str]:
     # Start from the caller's environment minus any TUNEFORGE_* setting, so a developer's own
     # configuration cannot leak into the server under test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
+    env["TUNEFORGE_HOSTED_CATALOG"] = "0"  # the tests' own models only (tests/conftest.py); `extra` may turn it on
     env.update(extra or {})
     env["PYTHONUNBUFFERED"] = "1"
     return env

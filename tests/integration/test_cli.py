@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 
-def tf(*args: str, home) -> subprocess.CompletedProcess[str]:
+def tf(*args: str, home, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tuneforge.cli", *args, "--home", str(home)] if args[0] != "check" else
         [sys.executable, "-m", "tuneforge.cli", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
@@ -43,6 +44,14 @@ def test_models_add_list_remove(tmp_path):
     assert "team/tiny" not in tf("models", "list", home=tmp_path).stdout
     builtin = tf("models", "remove", "HuggingFaceTB/SmolLM2-135M-Instruct", home=tmp_path)
     assert builtin.returncode == 1 and "built in" in builtin.stderr
+    # the hosted service's names (on by default; the suite turns them off), with their size and whether downloaded
+    hosted = tf("models", "list", home=tmp_path, env={"TUNEFORGE_HOSTED_CATALOG": "1"}).stdout.splitlines()
+    assert hosted[0].split() == ["NAME", "SOURCE", "PARAMS", "MAX", "SEQ", "LORA", "FULL", "DPO", "VISION",
+                                 "DOWNLOADED"]  # fmt: skip
+    [llama] = [line.split() for line in hosted if line.startswith("meta-llama/Meta-Llama-3.1-8B-Instruct-Reference ")]
+    assert llama[1:] == ["hub:meta-llama/Llama-3.1-8B-Instruct", "8B", "131072", "True", "True", "True", "False",
+                         "False"]  # fmt: skip
+    assert len(hosted) > 30
 
 
 def test_check_prints_line_and_field_and_json_report(tmp_path):

@@ -91,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.db = db
     app.state.blobs = blobs
     app.state.upload_secret = _upload_secret(settings)
-    app.state.catalog = Catalog(blobs)
+    app.state.catalog = Catalog(blobs, hosted=settings.hosted_catalog)
     app.state.processor = FileProcessor(db, blobs, settings)
     app.state.pool = ModelServerPool(settings)
     app.state.proxy_cache = ProxyCache()

@@ -1,5 +1,6 @@
-"""The catalog itself: the built-in models plus those added with `tuneforge models add`, kept as one JSON
-blob (`catalog/models.json`) in the BlobStore so that every server and trainer sharing a store sees it.
+"""The catalog itself: the built-in models (with the hosted service's models, `catalog/hosted.py`, unless turned
+off) plus those added with `tuneforge models add`, kept as one JSON blob (`catalog/models.json`) in the BlobStore so
+that every server and trainer sharing a store sees it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import threading
 
 from tuneforge.catalog.entries import BUILTIN, SOURCE_KINDS, ModelEntry
+from tuneforge.catalog.hosted import HOSTED
 from tuneforge.errors import ConflictError, InvalidRequestError, NotFoundError
 from tuneforge.storage import BlobStore
 
@@ -17,9 +19,10 @@ CATALOG_KEY = "catalog/models.json"
 class Catalog:
     """Model names -> entries. Reads the blob on each call, so edits by the CLI show up in a running server."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, *, hosted: bool = True) -> None:
         self._blobs = blobs
         self._lock = threading.Lock()
+        self._builtin: tuple[ModelEntry, ...] = (*BUILTIN, *(HOSTED if hosted else ()))
 
     def _added(self) -> dict[str, ModelEntry]:
         if not self._blobs.exists(CATALOG_KEY):
@@ -34,7 +37,7 @@ class Catalog:
             w.write(payload)
 
     def list(self) -> list[ModelEntry]:
-        merged = {e.name: e for e in BUILTIN}
+        merged = {e.name: e for e in self._builtin}
         merged.update(self._added())
         return sorted(merged.values(), key=lambda e: e.name)
 
@@ -42,7 +45,7 @@ class Catalog:
         added = self._added()
         if name in added:
             return added[name]
-        return next((e for e in BUILTIN if e.name == name), None)
+        return next((e for e in self._builtin if e.name == name), None)
 
     def get(self, name: str) -> ModelEntry:
         entry = self.find(name)
@@ -60,7 +63,7 @@ class Catalog:
             raise InvalidRequestError("a model needs a name", param="name")
         with self._lock:
             added = self._added()
-            if not replace and (entry.name in added or any(e.name == entry.name for e in BUILTIN)):
+            if not replace and (entry.name in added or any(e.name == entry.name for e in self._builtin)):
                 raise ConflictError(f"model {entry.name!r} is already in the catalog", param="name")
             added[entry.name] = entry
             self._save(added)
@@ -70,7 +73,7 @@ class Catalog:
         with self._lock:
             added = self._added()
             if name not in added:
-                if any(e.name == name for e in BUILTIN):
+                if any(e.name == name for e in self._builtin):
                     raise InvalidRequestError(f"model {name!r} is built in and cannot be removed", param="name")
                 raise NotFoundError(f"model {name!r} not found in the catalog", param="name")
             del added[name]

@@ -129,6 +129,8 @@ def build_plan(
         check_file(p, validation, param="validation_file", method=method, entry=entry)
     hyper = _hyper(p, body, entry, parent, method=method, tm=tm, has_val=validation is not None)
     init = _init_for(p, blobs, parent, hyper.training_type)
+    if not byom:
+        _check_host_memory(p, entry, hyper.training_type)
     lim = entry.limits
     max_batch = _batch_bounds(lim, hyper.training_type, method)[1]
     suffix = refs.present(body.suffix)
@@ -239,6 +241,21 @@ def _model_source(
             return ModelSource(name=hf, source_kind="hub", source=hf, revision=refs.present(body.hf_model_revision))
         source, revision = hf_entry, refs.present(body.hf_model_revision) or hf_entry.revision
     return ModelSource(name=source.name, source_kind=source.source_kind, source=source.source, revision=revision)
+
+
+def _check_host_memory(p: Problems, entry: ModelEntry, training_type: str) -> None:
+    """A catalog model whose training cannot fit this host's memory is refused now, not after its download."""
+    from tuneforge.catalog.inspect import host_memory_bytes, training_bytes
+
+    host = host_memory_bytes()
+    if not entry.params or not host:
+        return
+    need = training_bytes(entry.params, training_type)
+    if need > host:
+        what = "fp32 weights" if training_type == "lora" else "fp32 weights, their gradients and AdamW's moments"
+        p.add("model", f"model {entry.name} (about {entry.params / 1e9:.3g}B parameters) needs at least "
+              f"{need / 2**30:.1f} GiB of memory to train ({training_type}: {what}), and this host has "
+              f"{host / 2**30:.1f} GiB")  # fmt: skip
 
 
 def catalog_entry_of(catalog: Catalog, hf: str) -> ModelEntry | None:

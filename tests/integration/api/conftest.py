@@ -255,10 +255,10 @@ def _write(blobs: Any, key: str, data: bytes) -> None:
 
 
 @contextmanager
-def _running_app(home: Path) -> Iterator[FT]:
+def _running_app(home: Path, **changes: Any) -> Iterator[FT]:
     # No background model preparation: a preview of the built-in model would convert SmolLM2 (tests that want it
-    # turn it on).
-    settings = Settings(home=home, run_worker=False, price_per_token=2e-6, prepare_models=False)
+    # turn it on). `changes`: other settings.
+    settings = Settings(home=home, run_worker=False, price_per_token=2e-6, prepare_models=False, **changes)
     app = create_app(settings)
     with app.state.db.session() as s:
         _, alice = create_key(s, name="alice", owner="alice")
@@ -278,6 +278,13 @@ def ft(tmp_path: Path) -> Iterator[FT]:
 def ft_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FT]:
     """One app for a module's table-driven cases, which only read or are refused."""
     with _running_app(tmp_path_factory.mktemp("ft") / "home") as app:
+        yield app
+
+
+@pytest.fixture
+def ft_hosted(tmp_path: Path) -> Iterator[FT]:
+    """A fresh app whose catalog lists the hosted service's models (the suite's default leaves them out)."""
+    with _running_app(tmp_path / "home", hosted_catalog=True) as app:
         yield app
 
 

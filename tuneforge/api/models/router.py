@@ -6,6 +6,7 @@ default, the envelope for a `User-Agent` starting `OpenAI/` or `?format=openai`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Header, Query
@@ -16,6 +17,7 @@ from tuneforge.api.fine_tunes import service
 from tuneforge.api.fine_tunes.deps import CatalogDep
 from tuneforge.api.models.schemas import ModelList, ModelPublic, Pricing
 from tuneforge.api.routing import api_router
+from tuneforge.catalog.cache import model_folder
 from tuneforge.catalog.entries import ModelEntry
 from tuneforge.catalog.registry import Catalog
 from tuneforge.errors import NotFoundError
@@ -29,9 +31,12 @@ router = api_router(prefix="/models", tags=["models"])
 PER_MILLION = 1_000_000
 
 
-def _catalog_item(entry: ModelEntry, price_per_token: float) -> ModelPublic:
+def _catalog_item(entry: ModelEntry, price_per_token: float, cache: Path) -> ModelPublic:
     org = entry.name.split("/", 1)[0] if "/" in entry.name else "tuneforge"
     return ModelPublic(
+        downloaded=model_folder(cache, entry) is not None,
+        parameter_count=entry.params,
+        supports_vision=entry.limits.supports_vision,
         id=entry.name,
         created=0,
         owned_by=org,
@@ -57,7 +62,7 @@ def _output_item(job: JobRow) -> ModelPublic:
 
 
 def _items(db: Database, catalog: Catalog, settings: Settings, owner: str) -> list[ModelPublic]:
-    items = [_catalog_item(e, settings.price_per_token) for e in catalog.list()]
+    items = [_catalog_item(e, settings.price_per_token, settings.home / "models") for e in catalog.list()]
     items += [_output_item(job) for job in service.completed_jobs(db, owner=owner)]
     return items
 

@@ -25,6 +25,11 @@ class ModelPublic(BaseModel):
     organization: str
     context_length: int | None = None
     pricing: Pricing
+    # tuneforge's own: whether the weights are already in this server's cache (a catalog model not downloaded yet
+    # downloads on its first job or chat), and the catalog's facts about the model
+    downloaded: bool | None = None
+    parameter_count: int | None = None
+    supports_vision: bool | None = None
 
 
 class ModelList(BaseModel):
