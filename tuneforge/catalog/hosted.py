@@ -46,11 +46,11 @@ HOSTED: tuple[ModelEntry, ...] = (
     _entry("Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-3B-Instruct", 3.09e9, 32768),
     _entry("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", 7.62e9, 32768),
     _entry("Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-14B-Instruct", 14.7e9, 32768),
-    _entry("Qwen/Qwen2.5-32B-Instruct", "Qwen/Qwen2.5-32B-Instruct", 32.8e9, 32768),
+    _entry("Qwen/Qwen2.5-32B-Instruct", "Qwen/Qwen2.5-32B-Instruct", 32.5e9, 32768),
     _entry("Qwen/Qwen2.5-72B-Instruct", "Qwen/Qwen2.5-72B-Instruct", 72.7e9, 32768),
     # Qwen 3
     _entry("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B", 0.596e9, 40960),
-    _entry("Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B", 2.03e9, 40960),
+    _entry("Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B", 1.72e9, 40960),
     _entry("Qwen/Qwen3-4B", "Qwen/Qwen3-4B", 4.02e9, 40960),
     _entry("Qwen/Qwen3-8B", "Qwen/Qwen3-8B", 8.19e9, 40960),
     _entry("Qwen/Qwen3-14B", "Qwen/Qwen3-14B", 14.8e9, 40960),
