@@ -13,7 +13,7 @@ import torch
 from recipe_support import Job, conversations, make_job, run_in_process
 from safetensors.torch import load_file
 
-import tuneforge.train.recipes.sft as sft
+import tuneforge.train.recipes.common as recipes_common
 from tuneforge.storage.layout import checkpoint_prefix, final_prefix
 from tuneforge.train.spec import Resume
 
@@ -112,7 +112,9 @@ def test_batch_size_max_counts_examples_and_a_resumed_run_keeps_it(tmp_path, tin
     mid = total // 2
     state = json.loads((job.local(checkpoint_prefix(job.spec.job_id, mid)) / "resume/state.json").read_text())
     assert state["examples_per_step"] == batch_size and "rows_per_batch" not in state
-    monkeypatch.setattr(sft, "max_batch_examples", lambda plan, length, most: batch_size + 1)  # another machine
+    monkeypatch.setattr(
+        recipes_common, "max_batch_examples", lambda plan, length, most: batch_size + 1
+    )  # another machine
     resumed = make_job(tmp_path, tiny_model, job_id="ft-max-1", rows=ROWS, hyper=hyper | {"packing": True}, attempt=1,
                        resume=Resume(key=checkpoint_prefix("ft-max-1", mid), step=mid))  # fmt: skip
     assert run_in_process(resumed) == 0, resumed.result()

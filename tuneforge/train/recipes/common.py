@@ -1,31 +1,220 @@
-"""What every recipe does the same way around its training loop: fetch the weights to start from, build the model
-(LoRA or full), save checkpoints' and final weights, and the small helpers they need. The recipes (`sft.py`,
-`dpo.py`) read top to bottom and call these; nothing here knows a loss.
+"""What every recipe does the same way around its training loop: the run's device, threads, precision and seeds,
+fetch the weights to start from, build the model (LoRA or full) and its optimizer, restore a resumed run, take an
+optimizer step, save checkpoints and final weights, and the small helpers they need. The recipes (`sft.py`,
+`dpo.py`) read top to bottom and call these; nothing here knows a loss or a data format.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.catalog.loading import download_folder, resolve_model_dir
+from tuneforge.data.tokenization.examples import TokenizationReport
 from tuneforge.data.tokenization.templates import adopt_training_template
 from tuneforge.errors import InvalidRequestError
-from tuneforge.storage import BlobStore
-from tuneforge.storage.layout import final_prefix
-from tuneforge.train.checkpoints import publish, save_weights, write_manifest
+from tuneforge.storage import BlobStore, open_blob_store
+from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, final_prefix
+from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
 from tuneforge.train.events import EventWriter
 from tuneforge.train.fencing import check_current
+from tuneforge.train.hardware import (
+    MemoryPlan,
+    bf16_is_fast,
+    compute_dtype,
+    max_batch_examples,
+    plan_memory,
+    set_threads,
+)
 from tuneforge.train.loss import causal_lm
 from tuneforge.train.push import push_to_hub
 from tuneforge.train.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a run computes: its device, threads, precision (bf16 autocast over fp32 weights where bf16 is
+    fast, or where spec.dtype asks), blob store and work folder."""
+
+    device: torch.device
+    threads: int
+    use_bf16: bool
+    blobs: BlobStore
+    work: Path
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    @property
+    def precision(self) -> str:
+        """For the training_start event."""
+        if not self.use_bf16:
+            return "fp32"
+        return "bf16 autocast" + ("" if bf16_is_fast(self.device) else " (emulated: slow)")
+
+    @property
+    def dtype(self) -> str:
+        return "bf16" if self.use_bf16 else "fp32"
+
+
+def begin(spec: TrainSpec) -> Setup:
+    """The run's setup, with every random generator seeded from the job's seed."""
+    device = torch.device(spec.device)
+    threads = set_threads(spec.num_threads)
+    use_bf16 = compute_dtype(spec.dtype, device) == torch.bfloat16
+    work = Path(spec.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    seed = spec.hyper.seed
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return Setup(device, threads, use_bf16, open_blob_store(spec.storage_url), work)
+
+
+@dataclass
+class Training:
+    """A model's trainable parameters, its counts, the memory plan of its steps and its AdamW optimizer."""
+
+    params: list[torch.nn.Parameter]
+    trainable: int
+    total: int
+    mem: MemoryPlan
+    optimizer: torch.optim.Optimizer
+
+    def param_count(self, lora: bool) -> int:
+        """The job object's param_count: the frozen base's for LoRA, every parameter for full training."""
+        return self.total - self.trainable if lora else self.total
+
+
+def prepare_training(model: Any, spec: TrainSpec, device: torch.device, longest_row: int) -> Training:
+    """The memory plan for rows up to `longest_row` (activation checkpointing turned on where it says so) and AdamW
+    over the trainable parameters, weight decay on matrices only (norms and biases are not decayed)."""
+    hp = spec.hyper
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    mem = plan_memory(causal_lm(model).config, total_params=total, trainable_params=trainable,
+                      longest_row=longest_row, device=device)  # fmt: skip
+    if mem.activation_checkpointing:
+        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp.learning_rate,
+    )
+    return Training(params, trainable, total, mem, optimizer)
+
+
+Saved = tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
+def load_saved(files: ModelFiles) -> Saved | None:
+    """A resumed run's optimizer, scheduler, RNG and run state, from its checkpoint."""
+    return load_resume(files.resume_dir / RESUME_DIR) if files.resume_dir is not None else None
+
+
+def examples_per_step(spec: TrainSpec, saved: Saved | None, mem: MemoryPlan, mean_length: int) -> int:
+    """`batch_size` in examples per optimizer step: a resumed run's own; "max": as many examples of the data's mean
+    length as one forward holds (at most the model's limit); else as asked."""
+    if saved is not None and "examples_per_step" in saved[3]:
+        return int(saved[3]["examples_per_step"])
+    if spec.hyper.batch_size == "max":
+        return max_batch_examples(mem, mean_length, most=spec.plan.max_batch_size)
+    return int(spec.hyper.batch_size)
+
+
+def plan_digest(kind: str, lengths: list[int], batch_size: int, seed: int) -> str:
+    """What a run's data order depends on: a resumed run whose digest differs replays another order."""
+    return hashlib.sha256(json.dumps([kind, lengths, batch_size, seed]).encode()).hexdigest()
+
+
+def restore(saved: Saved | None, training: Training, scheduler: Any, digest: str, out: EventWriter) -> dict[str, Any]:
+    """Put a resumed run's optimizer, scheduler and RNG back; its run state (step, epoch, step_in_epoch, ...), or
+    the start of a run ({} for a new one). Warns when the data or batch plan changed since the checkpoint."""
+    if saved is None:
+        return {}
+    opt_state, sched_state, rng_state, state = saved
+    training.optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    restore_rng(rng_state)
+    if state.get("plan_digest") != digest:
+        out.event("warning", "The training data or batch plan changed since the checkpoint; the data order "
+                  "after resuming differs from the interrupted run's", level="warning")  # fmt: skip
+    return state
+
+
+def optimizer_step(training: Training, scheduler: Any, max_grad_norm: float) -> tuple[float, float]:
+    """Clip, step the optimizer and the schedule, clear the gradients; (the gradient norm before clipping, the
+    learning rate the step used)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(training.params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    lr = float(training.optimizer.param_groups[0]["lr"])
+    training.optimizer.step()
+    scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
+def save_checkpoint(
+    spec: TrainSpec, setup: Setup, out: EventWriter, model: Any, tokenizer: Any, training: Training, scheduler: Any,
+    *, state: dict[str, Any], manifest: dict[str, Any], extra: Callable[[Path], None] | None = None,
+) -> None:  # fmt: skip
+    """An intermediate checkpoint at `state["step"]`: the weights, the resume state (optimizer, scheduler, RNG and
+    `state`), what `extra` adds to the resume folder, the manifest; published, with its events."""
+    step = int(state["step"])
+    lora = spec.hyper.training_type == "lora"
+    folder = setup.work / "checkpoints" / f"step-{step:06d}"
+    shutil.rmtree(folder, ignore_errors=True)
+    save_model(model, tokenizer, folder)
+    save_resume(folder / RESUME_DIR, optimizer=training.optimizer, scheduler=scheduler, state=state)
+    if extra is not None:
+        extra(folder / RESUME_DIR)
+    write_manifest(folder, kind="intermediate", step=step, adapter=lora, **manifest)
+    prefix = checkpoint_prefix(spec.job_id, step)
+    check_current(setup.blobs, spec.job_id, spec.attempt)
+    publish(setup.blobs, folder, prefix)
+    out.event("checkpoint_save", f"Checkpoint saved at step {step}", step=step, checkpoint_path=prefix)
+    out.checkpoint(step, prefix, kind="intermediate", adapter=lora)
+
+
+def resume_position(at_epoch: int, in_epoch: int, per_epoch: int) -> tuple[int, int]:
+    """Where a run resumes after a checkpoint at step `in_epoch` of epoch `at_epoch`: the next epoch's start when
+    that was its last step."""
+    return (at_epoch + 1, 0) if in_epoch >= per_epoch else (at_epoch, in_epoch)
+
+
+def data_fields(report: TokenizationReport) -> dict[str, Any]:
+    """The training_data_download_complete event's data, from the tokenization report."""
+    return {
+        "token_count": report.trained_tokens + report.masked_tokens,
+        "trained_tokens": report.trained_tokens,
+        "masked_tokens": report.masked_tokens,
+        "examples": report.examples,
+        "truncated": report.truncated,
+        "dropped": report.dropped,
+        "dropped_reasons": dict(report.dropped_reasons),
+        "dataset_format": report.format,
+    }
+
+
+def reasons(report: TokenizationReport) -> str:
+    """The report's drop reasons, as " (3 malformed, 1 no trained tokens)" (empty when none)."""
+    if not report.dropped_reasons:
+        return ""
+    return " (" + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(report.dropped_reasons.items())) + ")"
 
 
 @dataclass(frozen=True)

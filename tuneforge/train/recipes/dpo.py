@@ -23,11 +23,7 @@ disabled; from an SFT job's checkpoint it is that SFT model.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import random
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,23 +31,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tuneforge.data.tokenization.examples import IGNORE, TokenizationReport
 from tuneforge.data.tokenization.preference import PreferenceExample, tokenize_preference_blob
 from tuneforge.errors import InvalidRequestError
-from tuneforge.storage import BlobStore, open_blob_store
-from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix
+from tuneforge.storage import BlobStore
+from tuneforge.storage.layout import RESUME_DIR
 from tuneforge.train import wandb_log
 from tuneforge.train.batching import collate, make_row, micro_batches, plan_epoch, split_by_tokens, steps_per_epoch
-from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, write_manifest
 from tuneforge.train.events import EventWriter
-from tuneforge.train.fencing import check_current
-from tuneforge.train.hardware import bf16_is_fast, compute_dtype, max_batch_examples, plan_memory, set_threads
 from tuneforge.train.loss import causal_lm, head_logits
-from tuneforge.train.recipes.common import build_model, manifest_base, prepare_model_files, save_finals, save_model
+from tuneforge.train.recipes.common import (
+    begin,
+    build_model,
+    data_fields,
+    examples_per_step,
+    load_saved,
+    manifest_base,
+    optimizer_step,
+    plan_digest,
+    prepare_model_files,
+    prepare_training,
+    reasons,
+    restore,
+    resume_position,
+    save_checkpoint,
+    save_finals,
+)
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler
 from tuneforge.train.spec import Hyper, TrainSpec
@@ -157,15 +165,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     """Run one DPO job to its end (completed or cancelled); data problems raise InvalidRequestError."""
     hp = spec.hyper
     lora = hp.training_type == "lora"
-    device = torch.device(spec.device)
-    threads = set_threads(spec.num_threads)
-    use_bf16 = compute_dtype(spec.dtype, device) == torch.bfloat16
-    blobs = open_blob_store(spec.storage_url)
-    work = Path(spec.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    random.seed(hp.seed)
-    np.random.seed(hp.seed % 2**32)
-    torch.manual_seed(hp.seed)
+    setup = begin(spec)
+    device, blobs, work = setup.device, setup.blobs, setup.work
 
     # ---- 1. Model files: the base, plus the weights to start from (a checkpoint to resume, or from_checkpoint).
     files = prepare_model_files(spec, blobs, work, out)
@@ -181,69 +182,34 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         "training_data_download_complete",
         f"Preference data tokenized: {report.examples:,} pairs, {total_tokens:,} tokens ({report.trained_tokens:,} "
         f"in completions, {report.masked_tokens:,} in prompts), {report.truncated:,} truncated at "
-        f"{hp.max_seq_length:,} tokens, {report.dropped:,} dropped{_reasons(report)}",
-        token_count=total_tokens,
-        trained_tokens=report.trained_tokens,
-        masked_tokens=report.masked_tokens,
-        examples=report.examples,
-        truncated=report.truncated,
-        dropped=report.dropped,
-        dropped_reasons=dict(report.dropped_reasons),
-        dataset_format=report.format,
+        f"{hp.max_seq_length:,} tokens, {report.dropped:,} dropped{reasons(report)}",
+        **data_fields(report),
     )
     val_pairs: list[PreferenceExample] = []
     if spec.validation_file_key and hp.n_evals > 0:
         out.event("validation_data_downloading", "Downloading and tokenizing the validation preference data")
         val_pairs, val_report = _tokenize(blobs, spec.validation_file_key, tokenizer, hp.max_seq_length, "validation")
         out.event("validation_data_download_complete", f"Validation data tokenized: {val_report.examples:,} pairs, "
-                  f"{val_report.dropped:,} dropped{_reasons(val_report)}")  # fmt: skip
+                  f"{val_report.dropped:,} dropped{reasons(val_report)}")  # fmt: skip
     if stop.is_set():
         return Outcome("cancelled", "Cancelled before training started")
 
     # ---- 3. Model, optimizer, schedule (as SFT's).
     model = build_model(spec, files, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total_params = sum(p.numel() for p in model.parameters())
     lengths = [_pair_length(p) for p in pairs]
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    mem = plan_memory(causal_lm(model).config, total_params=total_params, trainable_params=trainable,
-                      longest_row=longest, device=device)  # fmt: skip
-    if mem.activation_checkpointing:
-        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    budget = max(mem.tokens_per_forward, max(lengths))  # a pair is never split
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp.learning_rate,
-    )
-    saved = load_resume(resume_dir / RESUME_DIR) if resume_dir is not None else None
-    if saved is not None and "examples_per_step" in saved[3]:
-        batch_size = int(saved[3]["examples_per_step"])
-    elif hp.batch_size == "max":
-        mean_pair = math.ceil(sum(lengths) / len(pairs))
-        batch_size = max_batch_examples(mem, mean_pair, most=spec.plan.max_batch_size)
-    else:
-        batch_size = int(hp.batch_size)
+    training = prepare_training(model, spec, device, longest)
+    budget = max(training.mem.tokens_per_forward, max(lengths))  # a pair is never split
+    saved = load_saved(files)
+    batch_size = examples_per_step(spec, saved, training.mem, math.ceil(sum(lengths) / len(pairs)))
     accumulation = max(1, hp.gradient_accumulation_steps)
     per_epoch = steps_per_epoch(len(pairs), batch_size)
     total_steps = per_epoch * hp.n_epochs
-    scheduler = make_scheduler(optimizer, hyper=hp, total_steps=total_steps)
-    plan_digest = hashlib.sha256(json.dumps(["pairs", lengths, batch_size, hp.seed]).encode()).hexdigest()
-    step, first_epoch, skip = 0, 0, 0
-    if saved is not None:
-        opt_state, sched_state, rng_state, state = saved
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(sched_state)
-        restore_rng(rng_state)
-        step, first_epoch, skip = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
-        if state.get("plan_digest") != plan_digest:
-            out.event("warning", "The training data or batch plan changed since the checkpoint; the data order "
-                      "after resuming differs from the interrupted run's", level="warning")  # fmt: skip
-
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    scheduler = make_scheduler(training.optimizer, hyper=hp, total_steps=total_steps)
+    digest = plan_digest("pairs", lengths, batch_size, hp.seed)
+    state = restore(saved, training, scheduler, digest, out)
+    step, first_epoch, skip = int(state.get("step", 0)), int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))
+    autocast = setup.autocast
 
     # ---- 4. The reference: the starting weights' log-probabilities, computed once (or kept from the checkpoint).
     reference: torch.Tensor | None = None
@@ -278,47 +244,39 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     ckpt_at = set(checkpoint_steps(hp.n_checkpoints, total_steps))
     manifest = manifest_base(spec, METHOD, total_steps)
     wandb_run = wandb_log.start(spec, out, total_steps)
-    precision = "fp32" if not use_bf16 else "bf16 autocast" + ("" if bf16_is_fast(device) else " (emulated: slow)")
     variant = ("SimPO" if hp.simpo_gamma > 0 else "DPO") + (f" + RPO (alpha {hp.rpo_alpha})" if hp.rpo_alpha else "")
     out.event(
         "training_start",
-        f"{variant} training of {'LoRA' if lora else 'all'} weights of {spec.model.name} ({trainable:,} of "
-        f"{total_params:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
+        f"{variant} training of {'LoRA' if lora else 'all'} weights of {spec.model.name} ({training.trainable:,} of "
+        f"{training.total:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
         f"{len(pairs):,} pairs x {hp.n_epochs} epochs, {batch_size:,} pairs per step"
         f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, beta {hp.dpo_beta}"
         f"{f', gamma {hp.simpo_gamma}' if hp.simpo_gamma else ''}"
         f"{', log-ratios normalised by length' if hp.dpo_normalize_logratios_by_length else ''}; {reference_note}; "
-        f"{precision}, {threads} threads on {device.type}",
+        f"{setup.precision}, {setup.threads} threads on {device.type}",
         total_steps=total_steps,
-        param_count=total_params - trainable if lora else total_params,
-        trainable_params=trainable,
+        param_count=training.param_count(lora),
+        trainable_params=training.trainable,
         token_count=total_tokens,
         batch_size=batch_size,
         examples=len(pairs),
         eval_steps=len(eval_at),
         step=step,
-        dtype="bf16" if use_bf16 else "fp32",
+        dtype=setup.dtype,
         reference_seconds=reference_seconds,
     )
 
-    def save_checkpoint(at_step: int, at_epoch: int, in_epoch: int) -> None:
-        folder = work / "checkpoints" / f"step-{at_step:06d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        save_model(model, tokenizer, folder)
-        if in_epoch >= per_epoch:
-            at_epoch, in_epoch = at_epoch + 1, 0
-        state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
-                 "plan_digest": plan_digest, "total_steps": total_steps}  # fmt: skip
-        save_resume(folder / RESUME_DIR, optimizer=optimizer, scheduler=scheduler, state=state)
+    def keep_reference(folder: Path) -> None:
         if reference is not None:
             kept = {"train": reference} | ({"validation": val_reference} if val_reference is not None else {})
-            torch.save(kept, folder / RESUME_DIR / REFERENCE_FILE)
-        write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest)
-        prefix = checkpoint_prefix(spec.job_id, at_step)
-        check_current(blobs, spec.job_id, spec.attempt)
-        publish(blobs, folder, prefix)
-        out.event("checkpoint_save", f"Checkpoint saved at step {at_step}", step=at_step, checkpoint_path=prefix)
-        out.checkpoint(at_step, prefix, kind="intermediate", adapter=lora)
+            torch.save(kept, folder / REFERENCE_FILE)
+
+    def save(at_step: int, at_epoch: int, in_epoch: int) -> None:
+        at_epoch, in_epoch = resume_position(at_epoch, in_epoch, per_epoch)
+        run_state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
+                     "plan_digest": digest, "total_steps": total_steps}  # fmt: skip
+        save_checkpoint(spec, setup, out, model, tokenizer, training, scheduler, state=run_state, manifest=manifest,
+                        extra=keep_reference)  # fmt: skip
 
     # ---- 5. Train: each step takes `batch_size` pairs, in `accumulation` micro-batches, each forwarded in chunks of
     # whole pairs (chosen and rejected in one forward). The loss is the mean over the step's pairs.
@@ -353,11 +311,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                     sums["logp_r"] += float(got.rejected.detach().sum())
                     sums["nll"] += float(nll.detach())
                     tokens += sum(lengths[i] for i in chunk)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm if hp.max_grad_norm > 0 else math.inf)
-            lr = float(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(training, scheduler, hp.max_grad_norm)
             step += 1
             seconds = time.perf_counter() - started
             epoch_pos = epoch + (k + 1) / len(plan)
@@ -365,7 +319,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                 "train/loss": sums["loss"] / n_pairs + (hp.rpo_alpha * sums["nll"] / max(1, n_chosen)),
                 "train/dpo_loss": sums["loss"] / n_pairs,
                 "train/lr": lr,
-                "train/grad_norm": float(grad_norm),
+                "train/grad_norm": grad_norm,
                 "train/rewards/chosen": sums["chosen"] / n_pairs,
                 "train/rewards/rejected": sums["rejected"] / n_pairs,
                 "train/rewards/margins": (sums["chosen"] - sums["rejected"]) / n_pairs,
@@ -389,7 +343,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                 out.event("eval_complete", f"Evaluation at step {step}: loss {ev['eval/loss']:.4f}, reward accuracy "
                           f"{ev['eval/rewards/accuracies']:.1%}", step=step, eval_loss=ev["eval/loss"])  # fmt: skip
             if stop.is_set() or step in ckpt_at:
-                save_checkpoint(step, epoch, k + 1)
+                save(step, epoch, k + 1)
             if stop.is_set():
                 cancelled = True
                 break
@@ -428,15 +382,9 @@ def _tokenize(
         raise InvalidRequestError(f"The {which} file {key.rsplit('/', 1)[-1]} could not be tokenized: {exc}") from exc
     if not pairs:
         raise InvalidRequestError(
-            f"The {which} file has no usable preference pairs: {report.dropped:,} dropped{_reasons(report)}"
+            f"The {which} file has no usable preference pairs: {report.dropped:,} dropped{reasons(report)}"
         )
     return pairs, report
-
-
-def _reasons(report: TokenizationReport) -> str:
-    if not report.dropped_reasons:
-        return ""
-    return " (" + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(report.dropped_reasons.items())) + ")"
 
 
 @torch.no_grad()

@@ -8,19 +8,13 @@ Knows the TrainSpec, the blob store and the event stream; nothing about jobs, th
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import json
 import math
-import random
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tuneforge.data.tokenization.examples import (
@@ -31,8 +25,8 @@ from tuneforge.data.tokenization.examples import (
 )
 from tuneforge.data.tokenization.tokenize import tokenize_blob
 from tuneforge.errors import InvalidRequestError
-from tuneforge.storage import BlobStore, open_blob_store
-from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, tokenized_key
+from tuneforge.storage import BlobStore
+from tuneforge.storage.layout import tokenized_key
 from tuneforge.train import wandb_log
 from tuneforge.train.batching import (
     Row,
@@ -44,17 +38,24 @@ from tuneforge.train.batching import (
     split_by_tokens,
     steps_per_epoch,
 )
-from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, write_manifest
 from tuneforge.train.events import EventWriter
-from tuneforge.train.fencing import check_current
-from tuneforge.train.hardware import bf16_is_fast, compute_dtype, max_batch_examples, plan_memory, set_threads
-from tuneforge.train.loss import causal_lm, trained_token_loss
+from tuneforge.train.loss import trained_token_loss
 from tuneforge.train.recipes.common import (
+    begin,
     build_model,
+    data_fields,
+    examples_per_step,
+    load_saved,
     manifest_base,
+    optimizer_step,
+    plan_digest,
     prepare_model_files,
+    prepare_training,
+    reasons,
+    restore,
+    resume_position,
+    save_checkpoint,
     save_finals,
-    save_model,
     vocab_size,
 )
 from tuneforge.train.registry import Outcome
@@ -70,19 +71,12 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     """Run one SFT job to its end (completed, cancelled or early-stopped); data problems raise InvalidRequestError."""
     hp = spec.hyper
     lora = hp.training_type == "lora"
-    device = torch.device(spec.device)
-    threads = set_threads(spec.num_threads)
-    use_bf16 = compute_dtype(spec.dtype, device) == torch.bfloat16
-    blobs = open_blob_store(spec.storage_url)
-    work = Path(spec.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    random.seed(hp.seed)
-    np.random.seed(hp.seed % 2**32)
-    torch.manual_seed(hp.seed)
+    setup = begin(spec)
+    device, blobs, work = setup.device, setup.blobs, setup.work
 
     # ---- 1. Model files: the base, plus the weights to start from (a checkpoint to resume, or from_checkpoint).
     files = prepare_model_files(spec, blobs, work, out)
-    tokenizer, pad_id, resume_dir = files.tokenizer, files.pad_id, files.resume_dir
+    tokenizer, pad_id = files.tokenizer, files.pad_id
     if stop.is_set():
         return Outcome("cancelled", "Cancelled before training started")
 
@@ -96,15 +90,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         "training_data_download_complete",
         f"Training data tokenized: {report.examples:,} examples, {total_tokens:,} tokens "
         f"({report.trained_tokens:,} trained, {report.masked_tokens:,} masked), {report.truncated:,} truncated "
-        f"at {hp.max_seq_length:,} tokens, {report.dropped:,} dropped{_reasons(report)}",
-        token_count=total_tokens,
-        trained_tokens=report.trained_tokens,
-        masked_tokens=report.masked_tokens,
-        examples=report.examples,
-        truncated=report.truncated,
-        dropped=report.dropped,
-        dropped_reasons=dict(report.dropped_reasons),
-        dataset_format=report.format,
+        f"at {hp.max_seq_length:,} tokens, {report.dropped:,} dropped{reasons(report)}",
+        **data_fields(report),
     )
     if report.format == "conversation" and report.trained_share() > CONVERSATION_SHARE_WARNING:
         out.event(
@@ -124,7 +111,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         out.event(
             "validation_data_download_complete",
             f"Validation data tokenized: {val_report.examples:,} examples, {val_report.trained_tokens:,} trained "
-            f"tokens, {val_report.dropped:,} dropped{_reasons(val_report)}",
+            f"tokens, {val_report.dropped:,} dropped{reasons(val_report)}",
         )
     key = tokenized_key(spec.job_id)
     if not blobs.exists(key):
@@ -140,94 +127,55 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
     # ---- 3. Model: fp32 weights (bf16 autocast where it is fast, or where spec.dtype asks), LoRA or full.
     model = build_model(spec, files, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total_params = sum(p.numel() for p in model.parameters())
-    param_count = total_params - trainable if lora else total_params
-
-    mem = plan_memory(causal_lm(model).config, total_params=total_params, trainable_params=trainable,
-                      longest_row=max(lengths), device=device)  # fmt: skip
-    if mem.activation_checkpointing:
-        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp.learning_rate,
-    )
+    training = prepare_training(model, spec, device, max(lengths))
+    mem = training.mem
     # `batch_size` is examples per optimizer step, packing or not ("max": as many examples of the data's mean length
     # as one forward holds, decided once and kept by a resumed run). The data order is a pure function of (seed,
     # epoch, examples per step): a resumed run replays it exactly. Packing only lays a step's examples into rows of
     # up to max_seq_length tokens, and no longer than one forward's budget.
-    saved = load_resume(resume_dir / RESUME_DIR) if resume_dir is not None else None
-    if saved is not None and "examples_per_step" in saved[3]:
-        batch_size = int(saved[3]["examples_per_step"])
-    elif hp.batch_size == "max":
-        batch_size = max_batch_examples(mem, math.ceil(sum(lengths) / len(lengths)), most=spec.plan.max_batch_size)
-    else:
-        batch_size = int(hp.batch_size)
+    saved = load_saved(files)
+    batch_size = examples_per_step(spec, saved, mem, math.ceil(sum(lengths) / len(lengths)))
     pack_to = max(max(lengths), min(hp.max_seq_length, mem.tokens_per_forward)) if hp.packing else None
     accumulation = max(1, hp.gradient_accumulation_steps)
     per_epoch = steps_per_epoch(len(rows), batch_size)
     total_steps = per_epoch * hp.n_epochs
-    scheduler = make_scheduler(optimizer, hyper=hp, total_steps=total_steps)
-    plan_digest = hashlib.sha256(json.dumps(["examples", lengths, batch_size, hp.seed]).encode()).hexdigest()
-    step, first_epoch, skip = 0, 0, 0
-    early: dict[str, Any] = {"best": None, "best_step": 0, "bad": 0, "evals": 0}
-    if saved is not None:
-        opt_state, sched_state, rng_state, state = saved
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(sched_state)
-        restore_rng(rng_state)
-        step, first_epoch, skip = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
-        early = dict(state.get("early_stopping") or early)
-        if state.get("plan_digest") != plan_digest:
-            out.event("warning", "The training data or batch plan changed since the checkpoint; the data order "
-                      "after resuming differs from the interrupted run's", level="warning")  # fmt: skip
+    scheduler = make_scheduler(training.optimizer, hyper=hp, total_steps=total_steps)
+    digest = plan_digest("examples", lengths, batch_size, hp.seed)
+    state = restore(saved, training, scheduler, digest, out)
+    step, first_epoch, skip = int(state.get("step", 0)), int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))
+    early: dict[str, Any] = dict(state.get("early_stopping") or {"best": None, "best_step": 0, "bad": 0, "evals": 0})
 
     eval_at = set(evenly_spaced(hp.n_evals, total_steps)) if val_rows else set()
     ckpt_at = set(checkpoint_steps(hp.n_checkpoints, total_steps))
     manifest = manifest_base(spec, METHOD, total_steps)
 
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
+    autocast = setup.autocast
     wandb_run = wandb_log.start(spec, out, total_steps)
-    precision = "fp32" if not use_bf16 else "bf16 autocast" + ("" if bf16_is_fast(device) else " (emulated: slow)")
     out.event(
         "training_start",
-        f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({trainable:,} of "
-        f"{total_params:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
+        f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({training.trainable:,} of "
+        f"{training.total:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
         f"{len(rows):,} examples x {hp.n_epochs} epochs, {batch_size:,} examples per step "
         f"({f'packed into rows of up to {pack_to:,} tokens' if pack_to else 'unpacked'})"
-        f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, {precision}, {threads} threads on "
+        f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, {setup.precision}, {setup.threads} "
+        f"threads on "
         f"{device.type}{', activation checkpointing' if mem.activation_checkpointing else ''}",
         total_steps=total_steps,
-        param_count=param_count,
-        trainable_params=trainable,
+        param_count=training.param_count(lora),
+        trainable_params=training.trainable,
         token_count=total_tokens,
         batch_size=batch_size,
         examples=len(rows),
         eval_steps=len(eval_at),
         step=step,
-        dtype="bf16" if use_bf16 else "fp32",
+        dtype=setup.dtype,
     )
 
-    def save_checkpoint(at_step: int, at_epoch: int, in_epoch: int) -> None:
-        folder = work / "checkpoints" / f"step-{at_step:06d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        save_model(model, tokenizer, folder)
-        if in_epoch >= per_epoch:
-            at_epoch, in_epoch = at_epoch + 1, 0
-        state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
-                 "plan_digest": plan_digest, "early_stopping": early, "total_steps": total_steps}  # fmt: skip
-        save_resume(folder / RESUME_DIR, optimizer=optimizer, scheduler=scheduler, state=state)
-        write_manifest(folder, kind="intermediate", step=at_step, adapter=lora, **manifest)
-        prefix = checkpoint_prefix(spec.job_id, at_step)
-        check_current(blobs, spec.job_id, spec.attempt)
-        publish(blobs, folder, prefix)
-        out.event("checkpoint_save", f"Checkpoint saved at step {at_step}", step=at_step, checkpoint_path=prefix)
-        out.checkpoint(at_step, prefix, kind="intermediate", adapter=lora)
+    def save(at_step: int, at_epoch: int, in_epoch: int) -> None:
+        at_epoch, in_epoch = resume_position(at_epoch, in_epoch, per_epoch)
+        run_state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
+                     "plan_digest": digest, "early_stopping": early, "total_steps": total_steps}  # fmt: skip
+        save_checkpoint(spec, setup, out, model, tokenizer, training, scheduler, state=run_state, manifest=manifest)
 
     # ---- 4. Train: each optimizer step takes `batch_size` examples, split into `accumulation` micro-batches, each laid
     # into rows (packed or one per example) and forwarded in memory-sized chunks. The loss is the mean over every
@@ -253,11 +201,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                     loss_sum += float(chunk_loss.detach())
                     correct += int(chunk_correct)
                     real_tokens += sum(laid_lengths[i] for i in chunk)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm if hp.max_grad_norm > 0 else math.inf)
-            lr = float(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(training, scheduler, hp.max_grad_norm)
             step += 1
             seconds = time.perf_counter() - started
             loss = loss_sum / max(1, n_trained)
@@ -265,7 +209,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             values = {
                 "train/loss": loss,
                 "train/lr": lr,
-                "train/grad_norm": float(grad_norm),
+                "train/grad_norm": grad_norm,
                 "train/token_accuracy": correct / max(1, n_trained),
                 "train/tokens_per_second": real_tokens / max(seconds, 1e-9),
                 "train/epoch": epoch_pos,
@@ -304,7 +248,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                     )
 
             if stop.is_set() or (step in ckpt_at and not early_stopped):
-                save_checkpoint(step, epoch, k + 1)
+                save(step, epoch, k + 1)
             if stop.is_set():
                 cancelled = True
                 break
@@ -352,25 +296,19 @@ def _tokenize(
         raise InvalidRequestError(f"The file {key.rsplit('/', 1)[-1]} could not be tokenized: {exc}") from exc
 
 
-def _reasons(report: TokenizationReport) -> str:
-    if not report.dropped_reasons:
-        return ""
-    return " (" + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(report.dropped_reasons.items())) + ")"
-
-
 def _refuse_unusable(report: TokenizationReport, which: str, max_seq_length: int) -> None:
     """Stop before training when the data has nothing to learn from, saying why in the data's terms."""
     if report.trained_tokens > 0:
         return
-    reasons = report.dropped_reasons
-    cut = reasons.get(NO_TRAINED_AFTER_TRUNCATION, 0)
-    if report.examples == 0 and cut and set(reasons) <= set(NO_TRAINED_REASONS):
+    dropped = report.dropped_reasons
+    cut = dropped.get(NO_TRAINED_AFTER_TRUNCATION, 0)
+    if report.examples == 0 and cut and set(dropped) <= set(NO_TRAINED_REASONS):
         raise InvalidRequestError(
             f"Truncation at max_seq_length={max_seq_length} leaves no trained token in the {which} file: "
-            f"{cut:,} of {report.dropped:,} examples lost every trained token to the cut{_reasons(report)}; "
+            f"{cut:,} of {report.dropped:,} examples lost every trained token to the cut{reasons(report)}; "
             "raise max_seq_length or shorten the prompts"
         )
-    if report.examples == 0 and report.dropped and set(reasons) <= set(NO_TRAINED_REASONS):
+    if report.examples == 0 and report.dropped and set(dropped) <= set(NO_TRAINED_REASONS):
         raise InvalidRequestError(
             f"Every token of every example of the {which} file is masked ({report.dropped:,} examples), so there "
             "is nothing to learn; check train_on_inputs, message weights, and that the examples have assistant "
@@ -378,7 +316,7 @@ def _refuse_unusable(report: TokenizationReport, which: str, max_seq_length: int
         )
     if report.examples == 0:
         raise InvalidRequestError(
-            f"The {which} file has no usable examples: {report.dropped:,} dropped{_reasons(report)}"
+            f"The {which} file has no usable examples: {report.dropped:,} dropped{reasons(report)}"
         )
     raise InvalidRequestError(
         f"Every token of the {which} file is masked ({report.masked_tokens:,} masked, 0 trained), so there is "
