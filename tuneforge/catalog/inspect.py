@@ -120,6 +120,17 @@ def training_bytes(params: int, training_type: str) -> int:
     return params * (4 if training_type == "lora" else 16)
 
 
+def memory_shortfall(params: int, training_type: str, host_bytes: int) -> str | None:
+    """Why a model of `params` parameters cannot train here (`training_bytes` over this host's memory), as the end
+    of a sentence naming it; None when it fits or the host's memory is unknown (0)."""
+    need = training_bytes(params, training_type)
+    if not host_bytes or need <= host_bytes:
+        return None
+    what = "fp32 weights" if training_type == "lora" else "fp32 weights, their gradients and AdamW's moments"
+    return (f"needs at least {need / 2**30:.1f} GiB of memory to train ({training_type}: {what}), and this host "
+            f"has {host_bytes / 2**30:.1f} GiB")  # fmt: skip
+
+
 def refuse_unusable(
     info: HubModelInfo, *, template: str, template_params: int | None, training_type: str, conversational: bool,
     host_bytes: int,
@@ -151,13 +162,9 @@ def refuse_unusable(
             "similar architecture and size as model",
             param="from_hf_model",
         )
-    need = training_bytes(info.params, training_type)
-    if host_bytes and need > host_bytes:
-        raise InvalidRequestError(
-            f"{name} needs at least {need / 2**30:.1f} GiB of memory to train ({training_type}), and this host has "
-            f"{host_bytes / 2**30:.1f} GiB",
-            param="from_hf_model",
-        )
+    short = memory_shortfall(info.params, training_type, host_bytes)
+    if short:
+        raise InvalidRequestError(f"{name} {short}", param="from_hf_model")
     if conversational and not info.has_chat_template:
         raise InvalidRequestError(
             f"{name} has no chat template in its tokenizer_config.json (nor a chat_template.jinja), so conversational "

@@ -245,17 +245,13 @@ def _model_source(
 
 def _check_host_memory(p: Problems, entry: ModelEntry, training_type: str) -> None:
     """A catalog model whose training cannot fit this host's memory is refused now, not after its download."""
-    from tuneforge.catalog.inspect import host_memory_bytes, training_bytes
+    from tuneforge.catalog.inspect import host_memory_bytes, memory_shortfall
 
-    host = host_memory_bytes()
-    if not entry.params or not host:
+    if not entry.params:
         return
-    need = training_bytes(entry.params, training_type)
-    if need > host:
-        what = "fp32 weights" if training_type == "lora" else "fp32 weights, their gradients and AdamW's moments"
-        p.add("model", f"model {entry.name} (about {entry.params / 1e9:.3g}B parameters) needs at least "
-              f"{need / 2**30:.1f} GiB of memory to train ({training_type}: {what}), and this host has "
-              f"{host / 2**30:.1f} GiB")  # fmt: skip
+    short = memory_shortfall(entry.params, training_type, host_memory_bytes())
+    if short:
+        p.add("model", f"model {entry.name} (about {entry.params / 1e9:.3g}B parameters) {short}")
 
 
 def catalog_entry_of(catalog: Catalog, hf: str) -> ModelEntry | None:

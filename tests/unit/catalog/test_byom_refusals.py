@@ -41,7 +41,7 @@ def test_each_reason_is_named():
     too_big = refuse(info(params=3 * 10**9))  # 3x the template's 1B
     assert "3.0B parameters" in too_big and "1.0B of model 'org/template-1b'" in too_big
     full = refuse(info(), training_type="full", host_bytes=8 * GIB)  # 1B x 16 bytes > 8 GiB
-    assert "14.9 GiB of memory to train (full)" in full and "8.0 GiB" in full
+    assert "14.9 GiB of memory to train (full:" in full and "8.0 GiB" in full
     assert "no chat template" in refuse(info(has_chat_template=False))
 
 
