@@ -138,7 +138,9 @@ def models_add(
     revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or commit)")] = None,
     max_seq_length: Annotated[int | None, typer.Option(help="longest training sequence")] = None,
     no_full: Annotated[bool, typer.Option("--no-full", help="refuse full fine-tuning")] = False,
-    vision: Annotated[bool, typer.Option("--vision", help="a vision-language model")] = False,
+    vision: Annotated[
+        bool, typer.Option("--vision", help="a vision-language model (a local folder's config.json says so itself)")
+    ] = False,
     replace: Annotated[bool, typer.Option("--replace", help="replace an entry of the same name")] = False,
     home: HomeOpt = None,
 ) -> None:
@@ -157,7 +159,9 @@ def models_add(
         if not Path(location).exists():
             typer.echo(f"error: {location} does not exist", err=True)
             raise typer.Exit(2)
-    changes: dict[str, Any] = {"supports_full": not no_full, "supports_vision": vision}
+    if kind == "local" and not vision:
+        vision = _has_vision_tower(Path(location))
+    changes: dict[str, Any] = {"supports_full": not no_full, "supports_vision": vision, "supports_dpo": not vision}
     if max_seq_length is not None:
         changes.update(max_seq_length=max_seq_length, max_seq_length_dpo=max_seq_length)
     entry = ModelEntry(name=name, source_kind=kind, source=location, revision=revision).with_limits(**changes)  # type: ignore[arg-type]
@@ -169,6 +173,15 @@ def models_add(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"added {name} ({kind}:{location})")
+
+
+def _has_vision_tower(folder: Path) -> bool:
+    """A local model folder whose config.json has a vision tower (`vision_config`): a vision-language model."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("vision_config") is not None
 
 
 @models_app.command("remove")

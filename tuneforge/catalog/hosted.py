@@ -3,9 +3,9 @@ model as it would on the hosted service, and the weights download from the hub (
 
 Per model: the parameter count (tied embeddings counted once, rounded to three significant figures, as the model
 cards state it), the context length (`max_position_embeddings` of its config, capped at 131072 tokens), vision
-support, and DPO where the model is text-only (no recipe trains on images yet). LoRA defaults are the catalog's
-(`ModelLimits`: rank 8 of at most 64 on every linear projection). The figures were written from the models'
-published configs and model cards; this machine cannot reach the hub to check them, so a model card that
+support, and DPO where the model is text-only (preference tuning here trains text models only). LoRA defaults are
+the catalog's (`ModelLimits`: rank 8 of at most 64 on every linear projection). The figures were written from the
+models' published configs and model cards; this machine cannot reach the hub to check them, so a model card that
 disagrees is the authority, and the entry should follow it.
 
 Listed by default; `TUNEFORGE_HOSTED_CATALOG=0` leaves only the built-in and added models (the test suite's

@@ -140,9 +140,6 @@ def build_plan(
     if train_vision and not lim.supports_vision:
         p.add("multimodal_params.train_vision", f"train_vision is only available for vision models; {entry.name} "
               "is not one")  # fmt: skip
-    elif train_vision:
-        p.add("multimodal_params.train_vision", "train_vision is not available on this server yet: no recipe trains "
-              "a vision tower")  # fmt: skip
     push_to = refs.present(body.hf_output_repo_name)
     if push_to is not None:
         if not HUB_REPO_RE.fullmatch(push_to) or "/" not in push_to:
@@ -289,7 +286,10 @@ def _check_method(p: Problems, tm: TrainingMethodIn, entry: ModelEntry) -> str:
     elif method not in registry.available():
         p.add("training_method.method", f"training_method {method} is not available on this server yet (its "
               f"recipe is not built); available: {', '.join(registry.available())}")  # fmt: skip
-    if method == "dpo" and not entry.limits.supports_dpo:
+    if method == "dpo" and entry.limits.supports_vision:
+        p.add("training_method.method", f"{entry.name} is a vision-language model; preference tuning (dpo) trains "
+              "text models only on this server, so use training_method sft for it")  # fmt: skip
+    elif method == "dpo" and not entry.limits.supports_dpo:
         p.add("training_method.method", f"training_method dpo is not supported for model {entry.name}")
     if method != "sft" and tm.train_on_inputs is not None:
         p.add("training_method.train_on_inputs", "train_on_inputs is only supported for SFT training")
@@ -339,8 +339,6 @@ def check_file(p: Problems, row: FileRow, *, param: str, method: str, entry: Mod
         p.add(param, f"{param} {row.id} contains tools or tool calls, which model {entry.name} does not support")
     if report.get("dataset_is_multimodal") and not entry.limits.supports_vision:
         p.add(param, f"{param} {row.id} contains images, but model {entry.name} is not a vision model")
-    elif report.get("dataset_is_multimodal"):
-        p.add(param, f"{param} {row.id} contains images, and no recipe on this server trains on images yet")
 
 
 def _batch_bounds(lim: ModelLimits, training_type: str, method: str) -> tuple[int, int]:

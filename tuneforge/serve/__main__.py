@@ -95,17 +95,24 @@ def main(argv: list[str] | None = None) -> None:
     from tuneforge.serve.app import ModelServer, create_model_app
     from tuneforge.serve.engine import TransformersEngine
     from tuneforge.serve.threads import off_thread
+    from tuneforge.serve.vision_engine import VisionEngine
     from tuneforge.train.hardware import set_threads
+    from tuneforge.train.vision import is_vision_model
 
     set_threads(args.threads)
     # Torch work on the main thread would slow the engine's step thread for the life of the process (off_thread).
     folder = off_thread(lambda: _prepare(source, args.cache_dir, args.storage_url))
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    engine = TransformersEngine(folder, device=args.device, dtype=dtype, max_batch=args.max_batch,
-                                max_loras=args.max_loras)  # fmt: skip
+    engine: TransformersEngine | VisionEngine
+    if is_vision_model(folder):  # its config has a vision tower: images and text, one request at a time
+        engine = VisionEngine(folder, device=args.device, dtype=dtype, max_loras=args.max_loras)
+    else:
+        engine = TransformersEngine(folder, device=args.device, dtype=dtype, max_batch=args.max_batch,
+                                    max_loras=args.max_loras)  # fmt: skip
     engine.start()
     try:
-        app = create_model_app(ModelServer(engine, base_name=source.name, model_dir=folder))
+        vision = engine.processor if isinstance(engine, VisionEngine) else None
+        app = create_model_app(ModelServer(engine, base_name=source.name, model_dir=folder, vision=vision))
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tuneforge.data.tokenization.chat import ImageContent, prompt_ids
 from tuneforge.data.tokenization.hf_tokenizer import HFTokenizer, TokenizerFilesError, read_folder
+from tuneforge.data.tokenization.vision import VisionTokenizer, image_urls
 from tuneforge.serve import tools as tool_calls
 from tuneforge.serve.text import TextStream
 from tuneforge.serve.types import (
@@ -116,8 +117,14 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 class ModelServer:
-    def __init__(self, engine: Engine, *, base_name: str, model_dir: Path) -> None:
+    """`vision`: a vision-language model's processor, which renders chat prompts with their images (for the base
+    model and its adapters, which train with it); None for a text model."""
+
+    def __init__(
+        self, engine: Engine, *, base_name: str, model_dir: Path, vision: VisionTokenizer | None = None
+    ) -> None:
         self.engine = engine
+        self.vision = vision
         self.base = _served(base_name, None, model_dir)
         self.adapters: dict[str, Served] = {}
         self.paths: dict[str, Path] = {}
@@ -139,11 +146,10 @@ class ModelServer:
         self.paths.pop(name, None)
 
     async def choice_tokens(
-        self, prompt: list[int], served: Served, sampling: SamplingParams
+        self, prompt: list[int], served: Served, sampling: SamplingParams, images: tuple[str, ...] = ()
     ) -> AsyncIterator[GeneratedToken]:
-        req = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt), sampling=sampling, adapter=served.adapter
-        )
+        req = GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt), sampling=sampling,
+                                adapter=served.adapter, images=images)  # fmt: skip
         for attempt in (1, 2):
             stream = self.engine.generate(req)
             try:
@@ -181,6 +187,7 @@ async def _run_choice(
     on_text: Any = None,
     *,
     tools: bool = False,
+    images: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Generate one choice; `on_text(piece, token)` is awaited for each piece of text as it becomes safe to show
     (with `tools`, text from a tool-call block on is held until the answer ends: `serve/tools.py`). Returns its text,
@@ -199,7 +206,7 @@ async def _run_choice(
             await on_text(visible[shown:upto], token)
             shown = upto
 
-    async for token in server.choice_tokens(prompt, served, sampling):
+    async for token in server.choice_tokens(prompt, served, sampling, images):
         count += 1
         visible += text.push(token.token_id, special=token.token_id in special)
         logprobs.append(_logprob_entry(served.tokenizer, token))
@@ -296,8 +303,13 @@ def create_model_app(server: ModelServer) -> FastAPI:
         served = server.lookup(str(body.get("model", "")))
         if served is None:
             return _error(404, f"model {body.get('model')!r} is not served here", "not_found", "model")
+        images: tuple[str, ...] = ()
         try:
-            if chat:
+            if chat and server.vision is not None:
+                messages = body.get("messages") or []
+                prompt = prompt_ids(messages, body.get("tools"), server.vision)
+                images = image_urls(messages)
+            elif chat:
                 prompt = prompt_ids(body.get("messages") or [], body.get("tools"), served.tokenizer)
             else:
                 prompt = served.tokenizer(str(body.get("prompt", "")), add_special_tokens=True)["input_ids"]
@@ -313,12 +325,14 @@ def create_model_app(server: ModelServer) -> FastAPI:
                 "model": served.name}  # fmt: skip
         if body.get("stream"):
             return StreamingResponse(
-                _stream(server, prompt, served, samplings, stops, meta, chat=chat, body=body, tools=use_tools),
+                _stream(
+                    server, prompt, served, samplings, stops, meta, chat=chat, body=body, tools=use_tools, images=images
+                ),
                 media_type="text/event-stream",
             )
         try:
             results = await asyncio.gather(
-                *(_run_choice(server, prompt, served, s, stops, tools=use_tools) for s in samplings)
+                *(_run_choice(server, prompt, served, s, stops, tools=use_tools, images=images) for s in samplings)
             )
         except EngineError as exc:
             return _error(exc.status_code, str(exc))
@@ -367,6 +381,7 @@ async def _stream(
     chat: bool,
     body: dict[str, Any],
     tools: bool = False,
+    images: tuple[str, ...] = (),
 ) -> AsyncIterator[bytes]:
     """Server-sent events, one per piece of text of any choice, then each choice's finish, usage, `[DONE]`."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -392,7 +407,7 @@ async def _stream(
         async def on_text(piece: str, token: GeneratedToken | None) -> None:
             await queue.put(chunk(index, piece, None, token))
 
-        result = await _run_choice(server, prompt, served, sampling, stops, on_text, tools=tools)
+        result = await _run_choice(server, prompt, served, sampling, stops, on_text, tools=tools, images=images)
         if result["tool_calls"]:
             delta = {"role": "assistant", "tool_calls": result["tool_calls"]}
             payload = {**meta, "object": obj, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}

@@ -66,6 +66,7 @@ from tuneforge.serve.adapters import AdapterRegistry, read_adapter
 from tuneforge.serve.kernels import load as load_kernels
 from tuneforge.serve.lean import LeanDecoder
 from tuneforge.serve.lora import inject_multi_lora
+from tuneforge.serve.sampling import pick_token
 from tuneforge.serve.structured import Grammars, mask_rows
 from tuneforge.serve.threads import off_thread
 from tuneforge.serve.types import (
@@ -358,6 +359,8 @@ class TransformersEngine:
         n = len(req.prompt_ids)
         if n == 0:
             raise EngineError("the prompt is empty")
+        if req.images:
+            raise EngineError("this model reads text only; the prompt shows images")
         if p.max_tokens < 1:
             raise EngineError("max_tokens must be at least 1")
         if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
@@ -737,27 +740,7 @@ class TransformersEngine:
         return going_on
 
     def _pick(self, r: _Request, logits: torch.Tensor) -> int:
-        p = r.params
-        x = logits.clone()
-        if p.repetition_penalty != 1.0 and r.seen is not None:
-            seen = x[r.seen]
-            x[r.seen] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(x.argmax())
-        x = x / p.temperature
-        if p.top_k and p.top_k < x.numel():
-            kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)
-            cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
-            drop = cum - torch.softmax(sorted_x, dim=-1) >= p.top_p  # mass before this token already reaches top_p
-            x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        if p.min_p > 0.0:
-            probs = torch.softmax(x, dim=-1)
-            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=r.generator))
+        return pick_token(r.params, logits, r.seen, r.generator)
 
 
 if TYPE_CHECKING:

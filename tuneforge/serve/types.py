@@ -37,6 +37,9 @@ class GenerationRequest:
     sampling: SamplingParams
     # The name an adapter was loaded under (`Engine.load_adapter`); None for the base model.
     adapter: str | None = None
+    # The data URLs of the images the prompt shows, in order (its ids hold the tokens the model's processor expanded
+    # them to); only a vision-language model's engine takes them.
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -166,10 +166,15 @@ def pack_rows(rows: Sequence[Row], capacity: int) -> list[Row]:
 
 def lay_out(rows: Sequence[Row], pack_to: int | None) -> list[Row]:
     """A step's (or micro-batch's) examples as the rows to forward: packed into rows of up to `pack_to` tokens,
-    or (None) one row per example, longest first so that chunks pad little."""
+    or (None) one row per example, in `longest_first` order so that chunks pad little."""
     if pack_to is not None:
         return pack_rows(rows, pack_to)
-    return sorted(rows, key=lambda r: -r.length)
+    return [rows[i] for i in longest_first(rows)]
+
+
+def longest_first(rows: Sequence[Row]) -> list[int]:
+    """The order of unpacked rows in `lay_out`: longest first, ties in their given order."""
+    return sorted(range(len(rows)), key=lambda i: -rows[i].length)
 
 
 def split_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget_tokens: int) -> list[list[int]]:

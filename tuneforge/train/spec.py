@@ -147,6 +147,7 @@ def standalone_plan(
     init: InitWeights | None = None,
     wandb: WandbConfig | None = None,
     training_file_type: Literal["jsonl", "parquet"] = "jsonl",
+    train_vision: bool | None = None,
 ) -> JobPlan:
     """A plan for a run without the server (benchmarks, tests, a spec written by hand): no job, files or limits
     behind it, so its bookkeeping fields are placeholders."""
@@ -154,6 +155,7 @@ def standalone_plan(
         method=method, model=model.name, model_source=model, training_file="standalone",
         training_file_type=training_file_type, init=init, hyper=hyper,
         max_batch_size=hyper.batch_size if isinstance(hyper.batch_size, int) else MAX_EXAMPLES_PER_STEP, wandb=wandb,
+        train_vision=train_vision,
     )  # fmt: skip
 
 

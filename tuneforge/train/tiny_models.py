@@ -3,7 +3,10 @@ tokenizer trained on a few sentences (ChatML chat template) and random-initialis
 of ~100k parameters.
 
 `save_tiny_model(folder, arch)` writes a complete model folder (config, safetensors, tokenizer, chat
-template) that the catalog can serve as a `local` source. Deterministic, well under a second, no network.
+template) that the catalog can serve as a `local` source. `save_tiny_vlm(folder)` writes a vision-language one: an
+Idefics3 (SmolVLM's architecture) with a 1-layer vision tower on 32x32 images, the same tokenizer with the image
+tokens added, SmolVLM's chat template and the model's own processor (saved by it, so `AutoProcessor` loads it).
+Deterministic, well under a second, no network.
 """
 
 from __future__ import annotations
@@ -115,4 +118,57 @@ def save_tiny_model(folder: str | Path, arch: str = "llama", *, seed: int = 0, *
     model = make_tiny_model(arch, vocab_size=len(tokenizer), seed=seed, **kwargs)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+# SmolVLM's chat template: a content list of text and image parts per message; each turn ends with <end_of_utterance>.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+VLM_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+VLM_IMAGE_SIZE = 32  # pixels: images are resized to fit, then seen as (32/8)^2 patches, 4 tokens after pixel shuffle
+
+
+def save_tiny_vlm(
+    folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, embedding_scale: float = 1.0
+) -> Path:
+    """Write a tiny Idefics3 vision-language model with its processor (~120k parameters at hidden 64); returns the
+    folder. `embedding_scale` multiplies the random token embeddings (with the default 0.02 init, the frozen tied
+    head of a LoRA run cannot make any logit stand out)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    folder = Path(folder)
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": VLM_SPECIALS})
+    tokenizer.eos_token = "<end_of_utterance>"  # as SmolVLM's: every turn ends with it
+    eos = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    size = {"longest_edge": VLM_IMAGE_SIZE}
+    images = Idefics3ImageProcessorPil(do_image_splitting=False, size=size, max_image_size=size)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=SMOLVLM_TEMPLATE)  # fmt: skip
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                max_position_embeddings=2048, pad_token_id=3, eos_token_id=eos, bos_token_id=1,
+                tie_word_embeddings=True)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=VLM_IMAGE_SIZE, patch_size=8)  # fmt: skip
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2, tie_word_embeddings=True,
+                            image_token_id=tokenizer.vocab["<image>"])  # fmt: skip
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embedding_scale)
+    model.generation_config.pad_token_id = 3
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder

@@ -435,11 +435,16 @@ def test_hf_models_and_vision_models_from_the_catalog(ft, train_file: str, monke
     assert (source.name, source.source_kind, source.source, source.revision) == (
         "test/vision", "hub", "org/vision-repo", "abc123"
     )  # fmt: skip
-    # No recipe trains a vision tower yet, and a push to the hub needs the job's own token: refused by name.
-    for changes, param in (({"multimodal_params": {"train_vision": True}}, "multimodal_params.train_vision"),
-                           ({"hf_output_repo_name": "me/out"}, "hf_output_repo_name")):  # fmt: skip
-        r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, model="test/vision", **changes),
-                           headers=ft.alice)  # fmt: skip
+    # A vision model trains its vision tower when asked; a text model refuses it, and DPO is for text models.
+    tower = ft.create(ft.sdk_body(train_file, model="test/vision", multimodal_params={"train_vision": True}))
+    assert tower["multimodal_params"] == {"train_vision": True}
+    # A push to the hub needs the job's own token; the refusals name their parameter.
+    for model, changes, param in (
+        ("test/vision", {"hf_output_repo_name": "me/out"}, "hf_output_repo_name"),
+        (MODEL, {"multimodal_params": {"train_vision": True}}, "multimodal_params.train_vision"),
+        ("test/vision", {"training_method": {"method": "dpo"}}, "training_method.method"),
+    ):
+        r = ft.client.post("/v1/fine-tunes", json=ft.sdk_body(train_file, model=model, **changes), headers=ft.alice)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     # A repo outside the catalog (bring your own model) is read from the hub before the job is queued: a hub that
     # cannot be reached is a 503 naming from_hf_model, and no job.

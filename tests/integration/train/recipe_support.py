@@ -80,7 +80,9 @@ def make_job(
     """A spec for `job_id` on a blob store shared by every job under `root`; the data is written into it.
 
     `changes` go to the TrainSpec, except the plan's own fields (`method`, `init`, `wandb`), which go to the plan."""
-    plan_changes = {k: changes.pop(k) for k in ("method", "init", "wandb", "training_file_type") if k in changes}
+    plan_changes = {
+        k: changes.pop(k) for k in ("method", "init", "wandb", "training_file_type", "train_vision") if k in changes
+    }
     blobs = open_blob_store(str(root / "blobs"))
     train_key = f"files/{job_id}-train"
     with blobs.writer(train_key) as w:

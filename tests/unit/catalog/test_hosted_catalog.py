@@ -26,7 +26,7 @@ def test_at_least_thirty_models_of_each_family_with_their_facts():
         assert e.source_kind == "hub" and e.source.count("/") == 1, e
         assert e.params and 1e8 < e.params < 1e11, e
         assert 2048 <= e.limits.max_seq_length == e.limits.max_seq_length_dpo <= MAX_CONTEXT, e
-        assert e.limits.supports_dpo is not e.limits.supports_vision, e  # no recipe trains on images yet
+        assert e.limits.supports_dpo is not e.limits.supports_vision, e  # preference tuning trains text models only
         assert e.limits.supports_lora and e.limits.default_lora_rank == 8
     assert {e.name for e in HOSTED if e.limits.supports_vision} >= {"google/gemma-3-4b-it",
                                                                      "HuggingFaceTB/SmolVLM-256M-Instruct"}  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from tuneforge.api.bodies import RequestBody
+from tuneforge.data.validation.images import check_data_url
 
 # Largest n and stop list: the hosted service's limits.
 MAX_N = 16
@@ -35,12 +36,28 @@ class Message(RequestBody):
                 if kind == "text":
                     if not isinstance(part.get("text"), str):
                         raise ValueError(f"content[{i}]: a text part needs a string `text`")
-                elif kind in ("image_url", "video_url", "audio_url", "input_audio"):
-                    raise ValueError(f"content[{i}]: {kind} parts need a vision or audio model; served models "
-                                     "here read text")  # fmt: skip
+                elif kind == "image_url":
+                    _check_image(i, self.role, part)
+                elif kind in ("video_url", "audio_url", "input_audio"):
+                    raise ValueError(f"content[{i}]: {kind} parts need a video or audio model; served models "
+                                     "here read text and images")  # fmt: skip
                 else:
                     raise ValueError(f"content[{i}]: unknown part type {kind!r}")
         return self
+
+
+def _check_image(i: int, role: str, part: dict[str, Any]) -> None:
+    """An image part as the datasets take it: in a user message, an inline data URL (the server fetches no URL a
+    request names); a text model refuses it when it renders the prompt."""
+    holder = part.get("image_url")
+    url = holder.get("url") if isinstance(holder, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"content[{i}]: an image_url part needs an object `image_url` with a string `url`")
+    if role != "user":
+        raise ValueError(f"content[{i}]: only user messages may hold images (this one is {role})")
+    problem = check_data_url(url)
+    if problem is not None:
+        raise ValueError(f"content[{i}]: {problem}")
 
 
 class StreamOptions(RequestBody):

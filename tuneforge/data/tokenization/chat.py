@@ -25,17 +25,18 @@ class TemplateMismatch(ValueError):
     """The chat template renders a conversation prefix differently from the start of the whole conversation."""
 
 
-def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def normalize_messages(messages: Sequence[dict[str, Any]], *, keep_parts: bool = False) -> list[dict[str, Any]]:
     """Messages as chat templates expect them; training and serving both render through this.
 
     - `content` missing or null becomes `""` (an assistant turn that only calls tools);
-    - a list of text parts becomes one string, the parts joined by newlines;
+    - a list of text parts becomes one string, the parts joined by newlines, unless `keep_parts` (a tokenizer
+      that takes images, `vision.VisionTokenizer`, renders the parts itself);
     - `reasoning` and `reasoning_content` are both set when either is (templates read one or the other);
     - a tool call's `arguments` JSON text becomes the object it holds, as HF tool templates expect
       (text that is not a JSON object stays text).
 
     Raises:
-        ImageContent: a message holds an `image_url` part.
+        ImageContent: a message holds an `image_url` part and not `keep_parts`.
     """
     out: list[dict[str, Any]] = []
     for message in messages:
@@ -43,7 +44,7 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
         content = m.get("content")
         if content is None:
             m["content"] = ""
-        elif isinstance(content, list):
+        elif isinstance(content, list) and not keep_parts:
             m["content"] = _join_text_parts(content)
         for key, other in (("reasoning", "reasoning_content"), ("reasoning_content", "reasoning")):
             if isinstance(m.get(key), str) and other not in m:
@@ -52,6 +53,11 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
             m["tool_calls"] = [_parsed_call(call) for call in m["tool_calls"]]
         out.append(m)
     return out
+
+
+def takes_images(tokenizer: Any) -> bool:
+    """Whether `tokenizer` renders image parts itself (a model's processor, `vision.VisionTokenizer`)."""
+    return bool(getattr(tokenizer, "takes_images", False))
 
 
 def _join_text_parts(parts: list[Any]) -> str:
@@ -192,7 +198,7 @@ def conversation_tokens(
         TemplateMismatch: the template fails, or its prefixes do not line up with the whole rendering in tokens
             nor in characters.
     """
-    msgs = normalize_messages(messages)
+    msgs = normalize_messages(messages, keep_parts=takes_images(tokenizer))
     r = _Renderer(tokenizer, msgs, tools)
     ids = r.ids(len(msgs), False)
     regions = _regions(msgs, train_on_inputs)
@@ -254,7 +260,7 @@ def _through_last(ids: list[int], start: int, end: int, token: int | None) -> in
 
 def prompt_ids(messages: Sequence[dict[str, Any]], tools: list[Any] | None, tokenizer: Tokenizer) -> list[int]:
     """The token ids a model reads before it answers `messages`: the template with its generation prompt."""
-    msgs = normalize_messages(messages)
+    msgs = normalize_messages(messages, keep_parts=takes_images(tokenizer))
     return _Renderer(tokenizer, msgs, tools).ids(len(msgs), True)
 
 
@@ -268,7 +274,7 @@ def prompt_and_reply(
         ImageContent: a message holds images.
         TemplateMismatch: the prompt's rendering is not a prefix of the rendering with the reply, in tokens nor text.
     """
-    msgs = normalize_messages([*messages, reply])
+    msgs = normalize_messages([*messages, reply], keep_parts=takes_images(tokenizer))
     n = len(msgs)
     r = _Renderer(tokenizer, msgs, tools)
     prompt, full = r.ids(n - 1, True), r.ids(n, False)

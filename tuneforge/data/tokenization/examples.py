@@ -17,6 +17,7 @@ NO_TRAINED = "no_trained_tokens"
 NO_TRAINED_AFTER_TRUNCATION = "no_trained_tokens_after_truncation"
 MALFORMED = "malformed"  # a record that does not have its format's shape (the validator should have refused it)
 IMAGES = "images"  # image parts: a text tokenizer cannot render them
+IMAGES_CUT = "images_cut"  # the cut at max_seq_length would go through an image, which the model needs whole
 
 
 @dataclass
@@ -24,13 +25,15 @@ class TokenizedExample:
     """One training sequence. `labels` is as long as `input_ids`; IGNORE (-100) marks a token that is not trained.
 
     `position_ids` is set only for pre-tokenized rows that brought their own; where it restarts at 0 a new
-    sequence begins (packing keeps those sequences apart).
+    sequence begins (packing keeps those sequences apart). `images` holds the data URLs of the images a
+    vision-language example shows, in order (its `input_ids` hold the tokens its processor expanded them to).
     """
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
     position_ids: list[int] | None = None
+    images: tuple[str, ...] = ()
 
     @property
     def num_trained(self) -> int:
@@ -77,9 +80,10 @@ class TokenizationReport:
 
 
 def finish(
-    ids: list[int], labels: list[int], max_seq_length: int, report: TokenizationReport, out: list[TokenizedExample]
-) -> None:
-    """Truncate (keeping the start), then keep the example or count why it is dropped."""
+    ids: list[int], labels: list[int], max_seq_length: int, report: TokenizationReport, out: list[TokenizedExample],
+    images: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Truncate (keeping the start), then keep the example (with its `images`) or count why it is dropped."""
     if not ids:
         report.drop(EMPTY)
         return
@@ -96,4 +100,4 @@ def finish(
             report.drop(NO_TRAINED_AFTER_TRUNCATION)
             report.last_untrained = TokenizedExample(ids, labels, truncated)
             return
-    report.keep(TokenizedExample(ids, labels, truncated), out)
+    report.keep(TokenizedExample(ids, labels, truncated, images=images), out)

@@ -6,7 +6,9 @@ examples are cut and kept or dropped by `examples.py`. Conversations go through 
 (`tokenizer.py`).
 
 Instruction records (`prompt`/`completion`) are rendered as raw text, not through the chat template: bos when the
-tokenizer adds one by default, the prompt's tokens, the completion's tokens, eos. Prompt and completion are
+tokenizer adds one by default, the prompt's tokens, the completion's tokens, eos. For a vision-language model
+(a tokenizer that takes images, `vision.py`) they are a user and an assistant turn through its chat template,
+since the prompt may hold images and only the template places them. Prompt and completion are
 tokenized separately, so the prompt's tokens are exactly those `/completions` will feed the model for that prompt.
 """
 
@@ -16,11 +18,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 from tuneforge.data.formats import MAX_LINE_BYTES, SFT_FORMATS, LineError, decode_line, detect_format, iter_lines
-from tuneforge.data.tokenization.chat import ImageContent, conversation_tokens
+from tuneforge.data.tokenization.chat import ImageContent, conversation_tokens, takes_images
 from tuneforge.data.tokenization.examples import (
     EMPTY,
     IGNORE,
     IMAGES,
+    IMAGES_CUT,
     MALFORMED,
     TokenizationReport,
     TokenizedExample,
@@ -113,8 +116,10 @@ def _tokenize(
     train_all = train_inputs(train_on_inputs, dataset_format)
     report = TokenizationReport(format=dataset_format)
     out: list[TokenizedExample] = []
-    if dataset_format == "conversation":
+    if dataset_format == "conversation" or (dataset_format == "instruction" and takes_images(tokenizer)):
         for n, record in numbered:
+            if dataset_format == "instruction":
+                record = _as_conversation(record)
             _conversation(n, where, record, tokenizer, train_all, max_seq_length, report, out)
         return out, report
     bos, eos = bos_prefix(tokenizer), eos_suffix(tokenizer)
@@ -161,7 +166,25 @@ def _conversation(
         return
     except ValueError as exc:
         raise ValueError(f"{where} {n}: {exc}") from exc
-    finish(ids, labels, max_seq_length, report, out)
+    images: tuple[str, ...] = ()
+    if takes_images(tokenizer):
+        from tuneforge.data.tokenization.vision import image_urls
+
+        tokenizer.forget()  # type: ignore[attr-defined]
+        images = image_urls(messages)
+        if images and tokenizer.images_cut(ids, max_seq_length):  # type: ignore[attr-defined]
+            report.drop(IMAGES_CUT)
+            return
+    finish(ids, labels, max_seq_length, report, out, images)
+
+
+def _as_conversation(record: Any) -> Any:
+    """An instruction record as the conversation a vision model's chat template renders (its prompt may hold
+    images): the prompt as the user's turn, the completion as the assistant's."""
+    if not isinstance(record, dict) or "prompt" not in record or "completion" not in record:
+        return None
+    return {"messages": [{"role": "user", "content": record["prompt"]},
+                         {"role": "assistant", "content": record["completion"]}]}  # fmt: skip
 
 
 def _general(

@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from tuneforge.catalog.loading import download_folder, resolve_model_dir
 from tuneforge.data.tokenization.examples import TokenizationReport
@@ -42,6 +42,7 @@ from tuneforge.train.hardware import (
 from tuneforge.train.loss import causal_lm
 from tuneforge.train.push import push_to_hub
 from tuneforge.train.spec import TrainSpec
+from tuneforge.train.vision import freeze_tower, is_vision_config, load_processor, lora_exclusions
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ def prepare_training(model: Any, spec: TrainSpec, device: torch.device, longest_
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
-    mem = plan_memory(causal_lm(model).config, total_params=total, trainable_params=trainable,
+    config = causal_lm(model).config
+    mem = plan_memory(getattr(config, "text_config", None) or config, total_params=total, trainable_params=trainable,
                       longest_row=longest_row, device=device)  # fmt: skip
     if mem.activation_checkpointing:
         causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -220,7 +222,8 @@ def reasons(report: TokenizationReport) -> str:
 @dataclass(frozen=True)
 class ModelFiles:
     """Where a run's weights come from: the base, the whole weights to load (`weights_dir`), the LoRA adapter to
-    continue (`adapter_dir`), the checkpoint it resumes (`resume_dir`), and the tokenizer."""
+    continue (`adapter_dir`), the checkpoint it resumes (`resume_dir`), and the tokenizer (a vision-language
+    model's: its processor, `train/vision.py`)."""
 
     base_dir: Path
     weights_dir: Path
@@ -228,6 +231,7 @@ class ModelFiles:
     resume_dir: Path | None
     tokenizer: Any
     pad_id: int
+    vision: bool = False
 
 
 def prepare_model_files(spec: TrainSpec, blobs: BlobStore, work: Path, out: EventWriter) -> ModelFiles:
@@ -251,9 +255,10 @@ def prepare_model_files(spec: TrainSpec, blobs: BlobStore, work: Path, out: Even
         raise InvalidRequestError("full fine-tuning cannot start from a LoRA adapter; start from merged weights")
     start_dir = resume_dir or init_dir
     tokenizer_dir = start_dir if start_dir and (start_dir / "tokenizer_config.json").is_file() else base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    note = ""
-    adopted = adopt_training_template(tokenizer)
+    vision = is_vision_config(AutoConfig.from_pretrained(str(base_dir)))
+    tokenizer = load_processor(tokenizer_dir) if vision else AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    note = " (a vision-language model: its processor renders the images)" if vision else ""
+    adopted = None if vision else adopt_training_template(tokenizer)
     if adopted:
         note = (f"; its chat template renders earlier turns differently once later ones follow, so multi-turn "
                 f"conversations are tokenized with TRL's prefix-preserving {adopted} template (saved with the "
@@ -263,15 +268,17 @@ def prepare_model_files(spec: TrainSpec, blobs: BlobStore, work: Path, out: Even
     elif spec.init is not None:
         note = f" (continuing from {spec.init.key}, step {spec.init.step}){note}"
     out.event("model_download_complete", f"Base model {spec.model.name} is ready{note}")
-    return ModelFiles(base_dir, weights_dir, adapter_dir, resume_dir, tokenizer, pad_id(tokenizer))
+    return ModelFiles(base_dir, weights_dir, adapter_dir, resume_dir, tokenizer, pad_id(tokenizer), vision)
 
 
 def build_model(spec: TrainSpec, files: ModelFiles, device: torch.device) -> Any:
     """fp32 weights in training mode on `device`: the whole model (full), or a LoRA adapter on it, new or the one
-    being continued."""
+    being continued. A vision-language model's vision tower trains only with `train_vision` (`train/vision.py`)."""
     hp = spec.hyper
     load = {"dtype": torch.float32, "attn_implementation": "sdpa", "use_cache": False}
-    model: Any = AutoModelForCausalLM.from_pretrained(str(files.weights_dir), **load)
+    loader = AutoModelForImageTextToText if files.vision else AutoModelForCausalLM
+    model: Any = loader.from_pretrained(str(files.weights_dir), **load)
+    train_vision = bool(spec.plan.train_vision)
     if hp.training_type == "lora":
         if files.adapter_dir is not None:
             model = PeftModel.from_pretrained(model, str(files.adapter_dir), is_trainable=True)
@@ -279,9 +286,12 @@ def build_model(spec: TrainSpec, files: ModelFiles, device: torch.device) -> Any
             targets = hp.lora_target_modules
             cfg = LoraConfig(r=hp.lora_r, lora_alpha=hp.alpha, lora_dropout=hp.lora_dropout,
                              target_modules=targets if targets == "all-linear" else list(targets),
+                             exclude_modules=lora_exclusions(train_vision) if files.vision else None,
                              task_type="CAUSAL_LM")  # fmt: skip
             model = get_peft_model(model, cfg)
         model.peft_config["default"].base_model_name_or_path = spec.model.name
+    elif files.vision and not train_vision:
+        freeze_tower(model)
     model.to(device)
     model.train()
     return model

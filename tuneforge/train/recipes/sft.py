@@ -33,6 +33,7 @@ from tuneforge.train.batching import (
     collate,
     example_row,
     lay_out,
+    longest_first,
     micro_batches,
     plan_epoch,
     split_by_tokens,
@@ -61,6 +62,7 @@ from tuneforge.train.recipes.common import (
 from tuneforge.train.registry import Outcome
 from tuneforge.train.schedule import checkpoint_steps, evenly_spaced, make_scheduler
 from tuneforge.train.spec import TrainSpec
+from tuneforge.train.vision import pixel_inputs, vision_token_loss
 
 METHOD = "sft"
 CONVERSATION_SHARE_WARNING = 0.99
@@ -102,12 +104,14 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             level="warning",
         )
     val_rows: list[Row] = []
+    val_images: list[tuple[str, ...]] | None = None
     if spec.validation_file_key and hp.n_evals > 0:
         out.event("validation_data_downloading", "Downloading and tokenizing the validation file")
         val_type = _sniff_filetype(blobs, spec.validation_file_key)
         val_examples, val_report = _tokenize(blobs, spec.validation_file_key, val_type, tokenizer, spec, vocab)
         _refuse_unusable(val_report, "validation", hp.max_seq_length)
         val_rows = [example_row(e) for e in val_examples]
+        val_images = [e.images for e in val_examples] if files.vision else None
         out.event(
             "validation_data_download_complete",
             f"Validation data tokenized: {val_report.examples:,} examples, {val_report.trained_tokens:,} trained "
@@ -120,6 +124,10 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             "tokenized_dataset_upload_complete", "The tokenized training set is stored", tokenized_dataset_path=key
         )
     rows = [example_row(e) for e in examples]  # packing lays each step's examples into rows, in the step loop
+    # A vision-language model's examples keep their images (data URLs), one example a row; the batch's pixels are
+    # made from them step by step. Its loss runs the whole model on ids and pixels.
+    images = [e.images for e in examples] if files.vision else None
+    loss_of = vision_token_loss if files.vision else trained_token_loss
     del examples
     lengths = [r.length for r in rows]
     if stop.is_set():
@@ -135,7 +143,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     # up to max_seq_length tokens, and no longer than one forward's budget.
     saved = load_saved(files)
     batch_size = examples_per_step(spec, saved, mem, math.ceil(sum(lengths) / len(lengths)))
-    pack_to = max(max(lengths), min(hp.max_seq_length, mem.tokens_per_forward)) if hp.packing else None
+    packing = hp.packing and not files.vision  # packed rows would mix several examples' images
+    pack_to = max(max(lengths), min(hp.max_seq_length, mem.tokens_per_forward)) if packing else None
     accumulation = max(1, hp.gradient_accumulation_steps)
     per_epoch = steps_per_epoch(len(rows), batch_size)
     total_steps = per_epoch * hp.n_epochs
@@ -156,7 +165,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({training.trainable:,} of "
         f"{training.total:,} parameters) for {total_steps:,} steps{f' from step {step}' if step else ''}: "
         f"{len(rows):,} examples x {hp.n_epochs} epochs, {batch_size:,} examples per step "
-        f"({f'packed into rows of up to {pack_to:,} tokens' if pack_to else 'unpacked'})"
+        f"({f'packed into rows of up to {pack_to:,} tokens' if pack_to else 'unpacked'}"
+        f"{', images and text' if files.vision else ''})"
         f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, {setup.precision}, {setup.threads} "
         f"threads on "
         f"{device.type}{', activation checkpointing' if mem.activation_checkpointing else ''}",
@@ -194,9 +204,13 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                 laid = lay_out([rows[i] for i in micro], pack_to)
                 laid_lengths = [r.length for r in laid]
                 for chunk in split_by_tokens(range(len(laid)), laid_lengths, mem.tokens_per_forward):
-                    batch = {name: t.to(device) for name, t in collate([laid[i] for i in chunk], pad_id).items()}
+                    parts = collate([laid[i] for i in chunk], pad_id)
+                    if images is not None:  # unpacked: laid row i is example micro[order[i]]
+                        order = longest_first([rows[i] for i in micro])
+                        parts.update(pixel_inputs(tokenizer, [images[micro[order[i]]] for i in chunk]))
+                    batch = {name: t.to(device) for name, t in parts.items()}
                     with autocast():
-                        chunk_loss, chunk_correct, _ = trained_token_loss(model, batch)
+                        chunk_loss, chunk_correct, _ = loss_of(model, batch)
                     (chunk_loss / max(1, n_trained)).backward()
                     loss_sum += float(chunk_loss.detach())
                     correct += int(chunk_correct)
@@ -222,7 +236,16 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
 
             if step in eval_at:
                 beat = functools.partial(out.progress, step, total_steps, epoch=epoch_pos)
-                eval_loss, eval_acc = _evaluate(model, val_rows, pad_id, mem.tokens_per_forward, device, autocast, beat)
+                eval_loss, eval_acc = _evaluate(
+                    model,
+                    val_rows,
+                    pad_id,
+                    mem.tokens_per_forward,
+                    device,
+                    autocast,
+                    beat,
+                    vision=(tokenizer, val_images) if val_images is not None else None,
+                )
                 early["evals"] += 1
                 out.metric(step, **{"eval/loss": eval_loss, "eval/token_accuracy": eval_acc})
                 last_eval = eval_loss
@@ -355,19 +378,24 @@ def _evaluate(
     device: torch.device,
     autocast: Callable[[], Any],
     heartbeat: Callable[[], None],
+    vision: tuple[Any, list[tuple[str, ...]]] | None = None,
 ) -> tuple[float, float]:
     """Mean loss and token accuracy over every trained token of the validation rows.
 
-    `heartbeat` is called every 30 s or so, so a long evaluation does not look like a silent, dead run.
+    `heartbeat` is called every 30 s or so, so a long evaluation does not look like a silent, dead run. `vision`:
+    a vision-language model's processor and each row's images.
     """
     model.eval()
     lengths = [r.length for r in rows]
     loss_sum, correct, count = 0.0, 0, 0
     beat_at = time.monotonic() + 30
     for chunk in split_by_tokens(range(len(rows)), lengths, tokens_per_forward):
-        batch = {name: t.to(device) for name, t in collate([rows[i] for i in chunk], pad_id).items()}
+        parts = collate([rows[i] for i in chunk], pad_id)
+        if vision is not None:
+            parts.update(pixel_inputs(vision[0], [vision[1][i] for i in chunk]))
+        batch = {name: t.to(device) for name, t in parts.items()}
         with autocast():
-            chunk_loss, chunk_correct, n = trained_token_loss(model, batch)
+            chunk_loss, chunk_correct, n = (vision_token_loss if vision else trained_token_loss)(model, batch)
         loss_sum += float(chunk_loss)
         correct += int(chunk_correct)
         count += n

@@ -574,6 +574,14 @@ BAD = [
         rule=IM,
     ),
     Case(
+        "image_in_system",
+        lambda: jl({"messages": [{"role": "system", "content": [img(PNG)]}, u([txt("x")]), a([txt("y")])]}),
+        line=1,
+        field="messages[0].content[0]",
+        reason="allowed only in user messages, not in a system",
+        rule=IM,
+    ),
+    Case(
         "images_per_message",
         lambda: jl({"messages": [u(_many_images(11)), a([txt("x")])]}),
         line=1,
