@@ -67,6 +67,7 @@ from tuneforge.serve.kernels import load as load_kernels
 from tuneforge.serve.lean import LeanDecoder
 from tuneforge.serve.lora import inject_multi_lora
 from tuneforge.serve.sampling import pick_token
+from tuneforge.serve.streams import check_request, token_stream
 from tuneforge.serve.structured import Grammars, mask_rows
 from tuneforge.serve.threads import off_thread
 from tuneforge.serve.types import (
@@ -76,7 +77,6 @@ from tuneforge.serve.types import (
     EngineStats,
     GeneratedToken,
     GenerationRequest,
-    PromptTooLong,
     SamplingParams,
 )
 from tuneforge.train.hardware import compute_dtype
@@ -357,22 +357,9 @@ class TransformersEngine:
     def _submit(self, req: GenerationRequest) -> _Request:
         p = req.sampling
         n = len(req.prompt_ids)
-        if n == 0:
-            raise EngineError("the prompt is empty")
         if req.images:
             raise EngineError("this model reads text only; the prompt shows images")
-        if p.max_tokens < 1:
-            raise EngineError("max_tokens must be at least 1")
-        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
-            raise EngineError("sampling parameters out of range (temperature >= 0, 0 < top_p <= 1, top_k >= 0, ...)")
-        if p.repetition_penalty <= 0 or p.top_logprobs < 0:
-            raise EngineError("repetition_penalty must be > 0 and top_logprobs >= 0")
-        if n >= self.max_context:
-            raise PromptTooLong(
-                f"the prompt has {n} tokens; this model's context holds {self.max_context}, prompt and answer together"
-            )
-        if any(t < 0 or t >= self.vocab_size for t in req.prompt_ids):
-            raise EngineError(f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        check_request(req, max_context=self.max_context, vocab_size=self.vocab_size)
         matcher = self.grammars.matcher(p.json_schema) if p.json_schema is not None else None
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -394,20 +381,8 @@ class TransformersEngine:
         """Stream the request's tokens as they are produced; the last one carries its finish_reason. Leaving the
         loop early (aclose, cancellation, a disconnect) aborts the request: its slot is freed at the next step."""
         r = self._submit(req)
-        ended = False
-        try:
-            while True:
-                item = await r.queue.get()
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                ended = item.finish_reason is not None
-                yield item
-                if ended:
-                    return
-        finally:
-            if not ended:
-                self.abort(req.request_id)
+        async for token in token_stream(r.queue, lambda: self.abort(req.request_id)):
+            yield token
 
     def abort(self, request_id: str) -> None:
         """End a request: a waiting one at once, a running one at the next step. Unknown ids are ignored."""

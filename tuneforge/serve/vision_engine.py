@@ -29,6 +29,7 @@ import torch
 
 from tuneforge.serve.adapters import CONFIG_FILE, WEIGHTS_FILE
 from tuneforge.serve.sampling import pick_token
+from tuneforge.serve.streams import check_request, token_stream
 from tuneforge.serve.threads import off_thread
 from tuneforge.serve.types import (
     AdapterStats,
@@ -36,7 +37,6 @@ from tuneforge.serve.types import (
     EngineStats,
     GeneratedToken,
     GenerationRequest,
-    PromptTooLong,
     UnknownAdapter,
 )
 from tuneforge.train.hardware import compute_dtype
@@ -161,36 +161,13 @@ class VisionEngine:
         job = _Job(req, asyncio.get_running_loop())
         self._active.add(req.request_id)
         self._jobs.put(job)
-        ended = False
-        try:
-            while True:
-                item = await job.out.get()
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                ended = item.finish_reason is not None
-                yield item
-                if ended:
-                    return
-        finally:
-            if not ended:
-                self.abort(req.request_id)
+        async for token in token_stream(job.out, lambda: self.abort(req.request_id)):
+            yield token
 
     def _check(self, req: GenerationRequest) -> None:
-        p, n = req.sampling, len(req.prompt_ids)
-        if n == 0:
-            raise EngineError("the prompt is empty")
-        if p.max_tokens < 1:
-            raise EngineError("max_tokens must be at least 1")
-        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
-            raise EngineError("sampling parameters out of range (temperature >= 0, 0 < top_p <= 1, top_k >= 0, ...)")
-        if p.json_schema is not None:
+        check_request(req, max_context=self.max_context, vocab_size=self.vocab_size)
+        if req.sampling.json_schema is not None:
             raise EngineError("response_format is not available for vision-language models here")
-        if n >= self.max_context:
-            raise PromptTooLong(f"the prompt has {n} tokens; this model's context holds {self.max_context}, prompt "
-                                "and answer together")  # fmt: skip
-        if any(t < 0 or t >= self.vocab_size for t in req.prompt_ids):
-            raise EngineError(f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})")
         if req.adapter is not None and req.adapter not in self._adapters:
             raise UnknownAdapter(f"adapter {req.adapter!r} is not loaded")
         if req.request_id in self._active:

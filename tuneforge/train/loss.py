@@ -141,9 +141,15 @@ def trained_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
     """
     lm = causal_lm(model)
     out = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    targets = batch["targets"]
+    return trained_positions_loss(lm, out.last_hidden_state, batch["targets"])
+
+
+def trained_positions_loss(
+    lm: Any, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The head and its loss over the positions of `hidden` [B, T, H] whose `targets` [B, T] are trained:
+    (loss sum, correct predictions, trained target count)."""
     where = targets != IGNORE
-    hidden = out.last_hidden_state[where]
     wanted = targets[where]
-    loss_sum, correct = head_loss(lm, hidden, wanted)
+    loss_sum, correct = head_loss(lm, hidden[where], wanted)
     return loss_sum, correct, int(wanted.numel())

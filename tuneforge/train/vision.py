@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from tuneforge.data.tokenization.examples import IGNORE
 from tuneforge.data.tokenization.vision import VisionTokenizer
 from tuneforge.errors import InvalidRequestError
-from tuneforge.train.loss import causal_lm, head_loss
+from tuneforge.train.loss import causal_lm, trained_positions_loss
 
 # The names transformers gives a vision-language model's image encoder, and the module that maps its features
 # into the language model (Idefics3/SmolVLM, Qwen2-VL/2.5-VL, Gemma 3, LLaVA, Mllama).
@@ -98,9 +97,4 @@ def vision_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
     out = lm.model(**inputs, use_cache=False)
-    targets = batch["targets"]
-    where = targets != IGNORE
-    hidden = out.last_hidden_state[where]
-    wanted = targets[where]
-    loss_sum, correct = head_loss(lm, hidden, wanted)
-    return loss_sum, correct, int(wanted.numel())
+    return trained_positions_loss(lm, out.last_hidden_state, batch["targets"])
