@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	# Again with the metadata on PostgreSQL, a server the tests start themselves (tests/pg_support.py): the store,
+	# queue, API and end-to-end tests.
+	TUNEFORGE_TEST_DATABASE=postgresql $(BIN)/python -m pytest -q tests/integration/store tests/integration/jobs \
+		tests/integration/api tests/e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check tuneforge tests bench

@@ -10,3 +10,14 @@ from __future__ import annotations
 import os
 
 os.environ["TUNEFORGE_HOSTED_CATALOG"] = "0"
+
+
+# PostgreSQL mode (TUNEFORGE_TEST_DATABASE=postgresql, `make test`'s second run): each home's metadata lives in its
+# own database on the session's PostgreSQL server (`pg_support.py`), for tests in this process and the `tuneforge`
+# processes they start alike.
+import pg_support
+
+if pg_support.enabled():
+    import tuneforge.settings
+
+    tuneforge.settings.default_database_url = pg_support.database_url

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=default_home, description="folder for the database, blobs and caches")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///<home>/tuneforge.db")
+    database_pool_size: int = Field(
+        10, ge=1, le=1000,
+        description="connections a server process keeps open to a server database (PostgreSQL): the pool's size; "
+        "as many more may open under a burst and close after it",
+    )  # fmt: skip
     storage_url: str = Field("", description="fsspec URL of the blob root; default <home>/blobs")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -207,7 +212,7 @@ class Settings(BaseSettings):
     def _derive(self) -> Settings:
         self.home = self.home.expanduser().resolve()
         if not self.database_url:
-            self.database_url = f"sqlite:///{self.home / 'tuneforge.db'}"
+            self.database_url = default_database_url(self.home)
         if not self.storage_url:
             self.storage_url = str(self.home / "blobs")
         if not self.max_pending_upload_bytes:
@@ -245,3 +250,8 @@ def run_wandb_key(settings: Settings, *, job_key: str | None, job_base_url: str 
     if settings.wandb_server_key and job_base_url is None:
         return os.environ.get("WANDB_API_KEY") or None
     return None
+
+
+def default_database_url(home: Path) -> str:
+    """The metadata database of a home without TUNEFORGE_DATABASE_URL: a SQLite file in it."""
+    return f"sqlite:///{home / 'tuneforge.db'}"

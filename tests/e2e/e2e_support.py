@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pg_support
 import pytest
 from together import Together
 
@@ -72,11 +73,13 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _server_env(extra: dict[str, str] | None) -> dict[str, str]:
+def _server_env(extra: dict[str, str] | None, home: Path | None = None) -> dict[str, str]:
     # Start from the caller's environment minus any TUNEFORGE_* setting, so a developer's own
     # configuration cannot leak into the server under test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     env["TUNEFORGE_HOSTED_CATALOG"] = "0"  # the tests' own models only (tests/conftest.py); `extra` may turn it on
+    if home is not None:
+        env.update(pg_support.env_for(home))  # PostgreSQL mode: the home's own database (pg_support.py)
     env.update(extra or {})
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -89,7 +92,7 @@ def tuneforge_cli(*args: str, home: Path, env: dict[str, str] | None = None, che
         capture_output=True,
         text=True,
         timeout=60,
-        env=_server_env(env),
+        env=_server_env(env, home),
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"tuneforge {' '.join(args)} exited {proc.returncode}: {proc.stderr}\n{proc.stdout}")
@@ -203,7 +206,7 @@ class LiveServer:
 def start_server(home: Path, log_path: Path, env: dict[str, str] | None = None, timeout: float = 30) -> LiveServer:
     """Start `tuneforge serve` on a free port and wait until /health answers."""
     home.mkdir(parents=True, exist_ok=True)
-    full_env = _server_env(env)
+    full_env = _server_env(env, home)
     last_log = ""
     for _attempt in range(3):  # a free port can be taken between the probe and the bind
         port = free_port()

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pg_support
 import pytest
 from e2e_support import unique, wait_until
 from ft_support import (
@@ -56,7 +57,7 @@ def test_two_servers_on_one_database_run_each_job_once_and_take_over_from_each_o
     skip_without_training()
     shared = {"TUNEFORGE_UPLOAD_SECRET": secrets.token_hex(16), "TUNEFORGE_LEASE_S": str(LEASE_S)}
     a = start_ft_server(tmp_path, name="a", env=shared)
-    store = {"TUNEFORGE_DATABASE_URL": f"sqlite:///{a.home / 'tuneforge.db'}", "TUNEFORGE_STORAGE_URL": str(a.blobs)}
+    store = {"TUNEFORGE_DATABASE_URL": pg_support.database_url(a.home), "TUNEFORGE_STORAGE_URL": str(a.blobs)}
     b_home = tmp_path / "b-home"
     b = start_ft_server(tmp_path, name="b", env=shared | store, home=b_home)  # the catalog is in the shared store
     servers = {"a": a, "b": b}

@@ -54,7 +54,8 @@ def _upload_secret(settings: Settings) -> bytes:
 
 def create_app(settings: Settings) -> FastAPI:
     settings.ensure_home()
-    db = open_database(settings.database_url, secrets_key=home_key(settings.home, settings.secrets_key))
+    db = open_database(settings.database_url, secrets_key=home_key(settings.home, settings.secrets_key),
+                       pool_size=settings.database_pool_size)  # fmt: skip
     blobs = open_blob_store(settings.storage_url)
 
     @asynccontextmanager

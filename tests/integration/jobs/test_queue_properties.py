@@ -44,11 +44,21 @@ MAX_ATTEMPTS = 2
 SECRETS = {"wandb_key": "wandb-secret-123"}
 STALL_S = 10.0
 
-_LOG_DDL = (
-    "CREATE TABLE status_log (job_id TEXT, old TEXT, new TEXT)",
-    "CREATE TRIGGER log_status AFTER UPDATE OF status ON jobs WHEN old.status IS NOT new.status "
-    "BEGIN INSERT INTO status_log VALUES (new.id, old.status, new.status); END",
-)
+# Every status change the database sees, whoever makes it, logged by a trigger (SQLite's and PostgreSQL's dialects).
+_LOG_DDL = {
+    "sqlite": (
+        "CREATE TABLE status_log (job_id TEXT, old TEXT, new TEXT)",
+        "CREATE TRIGGER log_status AFTER UPDATE OF status ON jobs WHEN old.status IS NOT new.status "
+        "BEGIN INSERT INTO status_log VALUES (new.id, old.status, new.status); END",
+    ),
+    "postgresql": (
+        "CREATE TABLE status_log (job_id TEXT, old TEXT, new TEXT)",
+        "CREATE FUNCTION log_status() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "INSERT INTO status_log VALUES (NEW.id, OLD.status, NEW.status); RETURN NEW; END $$",
+        "CREATE TRIGGER log_status AFTER UPDATE OF status ON jobs FOR EACH ROW "
+        "WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION log_status()",
+    ),
+}
 
 
 class ProbeExecutor(FakeExecutor):
@@ -104,7 +114,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.db = open_database(self.settings.database_url)
         self.blobs = open_blob_store(self.settings.storage_url)
         with self.db.engine.begin() as conn:
-            for ddl in _LOG_DDL:
+            for ddl in _LOG_DDL[self.db.engine.dialect.name]:
                 conn.exec_driver_sql(ddl)
         self.executors: list[ProbeExecutor] = []
         self.generation = 0

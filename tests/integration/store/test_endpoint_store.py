@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pg_support
 import pytest
 
 from tuneforge.store import endpoints as repo
@@ -23,7 +24,7 @@ def _row(state: str = EndpointState.PENDING) -> EndpointRow:
 
 @pytest.fixture
 def db(tmp_path: Path):
-    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database = open_database(pg_support.database_url(tmp_path))  # SQLite, or PostgreSQL in that mode
     yield database
     database.close()
 
