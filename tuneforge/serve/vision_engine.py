@@ -242,7 +242,7 @@ class VisionEngine:
         seen = torch.tensor(sorted(set(req.prompt_ids)), device=self.device) if p.repetition_penalty != 1.0 else None
         max_new = min(p.max_tokens, self.max_context - len(req.prompt_ids))
         with self._lock, self._weights(req.adapter) as model:
-            out = model(input_ids=ids, **pixels, use_cache=True)
+            out = model(input_ids=ids, **pixels, use_cache=True, logits_to_keep=1)  # the last position's only
             self._steps += 1
             position = len(req.prompt_ids)
             for made_count in range(1, max_new + 1):

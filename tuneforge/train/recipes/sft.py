@@ -203,10 +203,11 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             for micro in micro_batches(plan[k], accumulation):
                 laid = lay_out([rows[i] for i in micro], pack_to)
                 laid_lengths = [r.length for r in laid]
+                # unpacked (images): laid row j is example micro[order[j]]
+                order = longest_first([rows[i] for i in micro]) if images is not None else []
                 for chunk in split_by_tokens(range(len(laid)), laid_lengths, mem.tokens_per_forward):
                     parts = collate([laid[i] for i in chunk], pad_id)
-                    if images is not None:  # unpacked: laid row i is example micro[order[i]]
-                        order = longest_first([rows[i] for i in micro])
+                    if images is not None:
                         parts.update(pixel_inputs(tokenizer, [images[micro[order[i]]] for i in chunk]))
                     batch = {name: t.to(device) for name, t in parts.items()}
                     with autocast():
