@@ -3,7 +3,12 @@
 Starts `tuneforge serve` as a child process, uploads a generated JSONL file of --gb gigabytes with
 `client.files.upload`, samples the server's resident memory every 50 ms from /proc during the upload
 and the server-side validation that follows, and prints the figures. Goal: peak RSS under 200 MB.
-Last line: one JSON object with upload_gb, baseline_rss_mb, peak_rss_mb, upload_mb_s, validate_s.
+
+`--storage s3` keeps the server's storage in a bucket on an S3-compatible server started here (moto's server mode,
+tests/s3_support.py): the SDK then PUTs the bytes to the bucket's presigned URL, and the figures add how many PUTs
+the API server's access log shows (goal: 0) and how many the bucket received.
+Last line: one JSON object with upload_gb, baseline_rss_mb, peak_rss_mb, upload_mb_s, validate_s, storage (and
+with s3: server_puts, bucket_puts).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--gb", type=float, default=2.0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--storage", choices=("local", "s3"), default="local")
     args = ap.parse_args()
 
     from together import Together
@@ -70,6 +77,15 @@ def main() -> None:
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, TUNEFORGE_LOG_LEVEL="warning")
+    s3 = None
+    if args.storage == "s3":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from s3_support import S3Server
+
+        s3 = S3Server.start(work / "moto.log")
+        # The access log (info) is what shows whether an upload's bytes passed through the server.
+        env.update(s3.env(), TUNEFORGE_STORAGE_URL=s3.bucket_url(f"bench-{port}"), TUNEFORGE_LOG_LEVEL="info")
+    server_log = (work / "server.log").open("ab")
     key = subprocess.run(
         [sys.executable, "-m", "tuneforge.cli", "keys", "create", "--name", "bench", "--home", str(home)],
         capture_output=True,
@@ -78,7 +94,10 @@ def main() -> None:
         env=env,
     ).stdout.strip()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge.cli", "serve", "--port", str(port), "--home", str(home)], env=env
+        [sys.executable, "-m", "tuneforge.cli", "serve", "--port", str(port), "--home", str(home)],
+        env=env,
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
     )
     try:
         for _ in range(300):
@@ -115,6 +134,17 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        server_log.close()
+        if s3 is not None:
+            s3.stop()
+    figures: dict[str, object] = {"storage": args.storage}
+    if s3 is not None:
+        log = (work / "server.log").read_text(errors="replace")
+        figures["server_puts"] = len(re.findall(r'"PUT [^"]*HTTP/1\.1"', log))
+        # The client's PUTs carry the presigned signature (the server's own copies inside the bucket carry none).
+        figures["bucket_puts"] = len(re.findall(r'"PUT /bench-[^"]*X-Amz-Signature=[^"]*HTTP/1\.1" 200', s3.log()))
+        print(f"PUTs in the API server's access log: {figures['server_puts']}; PUTs the bucket took: "
+              f"{figures['bucket_puts']}")  # fmt: skip
 
     print(f"file: {size / 1e9:.2f} GB; upload {upload_s:.1f} s ({size / 1e6 / upload_s:.0f} MB/s)")
     print(f"server RSS: baseline {baseline:.0f} MB, peak in upload {peak_upload:.0f} MB, peak overall {peak:.0f} MB")
@@ -129,6 +159,7 @@ def main() -> None:
                 "upload_mb_s": round(size / 1e6 / upload_s, 1),
                 "validate_s": round(validate_s, 2),
                 "processing_status": info.processing_status,
+                **figures,
             }
         )
     )

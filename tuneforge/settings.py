@@ -19,14 +19,16 @@ DEFAULT_WANDB_URL = "https://api.wandb.ai"
 
 
 # What a child process (a training run, a model preparation) inherits from the server: the names below and the
-# prefixes after them. Anything else the server holds (its own keys, its database password) stays with it.
+# prefixes after them (AWS_: the object store's endpoint and credentials, where storage is on S3). Anything else the
+# server holds (its own keys, its database password) stays with it.
 _CHILD_NAMES = frozenset({
     "PATH", "HOME", "USER", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "VIRTUAL_ENV",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "CUDA_VISIBLE_DEVICES",
     "LD_LIBRARY_PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
 })  # fmt: skip
 _CHILD_PREFIXES = ("LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "OPENBLAS_",
-                   "KMP_", "NVIDIA_", "CUDA_", "NCCL_", "TRITON_", "WANDB_")  # fmt: skip
+                   "KMP_", "NVIDIA_", "CUDA_", "NCCL_", "TRITON_", "WANDB_",
+                   "AWS_")  # fmt: skip
 
 
 # The server's own W&B credentials never reach a run by inheritance: a run gets the job's own key, or the server's
@@ -110,6 +112,11 @@ class Settings(BaseSettings):
         "", description="Fernet key that seals job secrets at rest; default: a key file made in the home folder (0600)"
     )
     upload_url_ttl_s: int = 24 * 3600
+    direct_uploads: bool = Field(
+        True,
+        description="with storage on S3, the upload URLs are the bucket's own presigned PUTs (multipart for large "
+        "files), so upload bytes never pass through the API server; 0: the server receives them itself",
+    )
     stale_upload_s: float = Field(
         3600.0,
         gt=0,

@@ -18,7 +18,7 @@ from tuneforge.api.endpoints.service import make_resolver
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.files import router as files
 from tuneforge.api.files.processing import FileProcessor
-from tuneforge.api.files.service import sweep_stale_uploads, sweep_while_serving
+from tuneforge.api.files.service import direct_idle_s, sweep_stale_uploads, sweep_while_serving
 from tuneforge.api.fine_tunes import router as fine_tunes
 from tuneforge.api.hardware import router as hardware
 from tuneforge.api.identity import router as identity
@@ -60,12 +60,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        swept = sweep_stale_uploads(db, blobs, idle_s=settings.stale_upload_s)
+        swept = sweep_stale_uploads(db, blobs, idle_s=settings.stale_upload_s, direct_idle_s=direct_idle_s(settings))
         requeued = app.state.processor.requeue_unfinished()
         if swept or requeued:
             log.info("start-up: %d stale uploads removed, %d file checks requeued", swept, requeued)
         # Uploads left idle are swept while the server runs too, not only at the next start.
-        sweeper = asyncio.create_task(sweep_while_serving(db, blobs, idle_s=settings.stale_upload_s))
+        sweeper = asyncio.create_task(
+            sweep_while_serving(db, blobs, idle_s=settings.stale_upload_s, direct_idle_s=direct_idle_s(settings))
+        )
         if app.state.worker is not None:
             app.state.worker.start()
         app.state.pool.start()

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
+from tuneforge.storage.direct import DirectUploads
+
 
 class BlobWriter(Protocol):
     """An in-progress write. Nothing is visible under the key until `commit()`."""
@@ -31,6 +33,7 @@ class BlobStore(Protocol):
     """Bytes by key. Writes are atomic: a reader sees the whole blob or none of it."""
 
     url: str
+    direct: DirectUploads | None  # presigned upload URLs, on object stores that have them
 
     def writer(self, key: str) -> BlobWriter: ...
 

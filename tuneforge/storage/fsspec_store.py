@@ -17,8 +17,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tuneforge.errors import NotFoundError, StorageError
+from tuneforge.storage.direct import DirectUploads, S3DirectUploads
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs"}
+_S3 = {"s3", "s3a"}
+# s3fs reads and writes in blocks of this size (its default is 50 MiB): the memory one open blob holds.
+S3_BLOCK_BYTES = 8 << 20
 
 
 class _FsspecWriter:
@@ -85,6 +89,11 @@ class FsspecBlobStore:
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         self.url = url
+        s3 = fsspec.core.split_protocol(url)[0] in _S3
+        if s3:
+            # Endpoint, credentials and region come from the standard AWS settings (AWS_ENDPOINT_URL, ...).
+            storage_options.setdefault("default_block_size", S3_BLOCK_BYTES)
+            storage_options.setdefault("config_kwargs", {"signature_version": "s3v4"})
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self.fs: Any = fs
         self.root = root.rstrip("/")
@@ -92,6 +101,8 @@ class FsspecBlobStore:
         protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
         # Object stores make a PUT visible only when it completes; elsewhere write aside, then rename.
         self.atomic_puts = bool(protocols & _OBJECT_STORES)
+        # Presigned URLs for upload bytes that bypass the API server (None: the server receives them itself).
+        self.direct: DirectUploads | None = S3DirectUploads(fs, self.root) if s3 else None
         if self.is_local:
             self.fs.makedirs(self.root, exist_ok=True)
 

@@ -9,7 +9,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from tuneforge.errors import NotFoundError
@@ -18,6 +18,9 @@ from tuneforge.store.tables import FileRow
 VISIBLE = "ready"
 # An upload that was opened but not finished: the bytes are still to come, or `/preprocess` is.
 UNFINISHED = ("uploading", "uploaded")
+# Uploads whose bytes go straight to the object store through presigned URLs: the server sees none of their PUTs,
+# so they count as idle only once their URLs have expired (`stale_upload_ids`).
+DIRECT_KINDS = ("direct", "direct-multipart")
 
 
 class FileProcessingStatus(StrEnum):
@@ -52,6 +55,7 @@ def insert_file(
     upload_id: str | None = None,
     expected_bytes: int | None = None,
     num_parts: int | None = None,
+    storage_upload_id: str | None = None,
 ) -> FileRow:
     now = time.time()
     row = FileRow(
@@ -69,6 +73,7 @@ def insert_file(
         upload_id=upload_id,
         expected_bytes=expected_bytes,
         num_parts=num_parts,
+        storage_upload_id=storage_upload_id,
         error=None,
         created_at=int(now),
         updated_at=now,
@@ -180,18 +185,31 @@ def touch_upload(session: Session, *, file_id: str, received: int | None = None)
     return bool(getattr(result, "rowcount", 0))
 
 
-def stale_upload_ids(session: Session, *, older_than: float) -> list[str]:
-    """Unfinished uploads with no activity since `older_than`."""
-    stmt = select(FileRow.id).where(FileRow.state.in_(UNFINISHED), FileRow.updated_at < older_than)
-    return list(session.scalars(stmt))
+def _idle(older_than: float, direct_older_than: float) -> ColumnElement[bool]:
+    """Unfinished and idle: no activity since `older_than`, or for a direct upload since `direct_older_than`."""
+    direct = FileRow.upload_kind.in_(DIRECT_KINDS)
+    return and_(
+        FileRow.state.in_(UNFINISHED),
+        or_(
+            and_(~direct, FileRow.updated_at < older_than),
+            and_(direct, FileRow.updated_at < direct_older_than),
+        ),
+    )
 
 
-def delete_stale_upload(session: Session, *, file_id: str, older_than: float) -> bool:
-    """Delete the row of an upload that is still unfinished and still idle since `older_than`, in one conditional
-    statement: one finished or touched since it was found stays."""
+def stale_upload_ids(session: Session, *, older_than: float, direct_older_than: float) -> list[tuple[str, str | None]]:
+    """Unfinished uploads with no activity since `older_than` (direct ones: since `direct_older_than`), each with
+    its multipart upload's id in the object store (None unless it is a direct multipart upload)."""
+    stmt = select(FileRow.id, FileRow.storage_upload_id).where(_idle(older_than, direct_older_than))
+    return [(i, u) for i, u in session.execute(stmt)]
+
+
+def delete_stale_upload(session: Session, *, file_id: str, older_than: float, direct_older_than: float) -> bool:
+    """Delete the row of an upload that is still unfinished and still idle, in one conditional statement: one
+    finished or touched since it was found stays."""
     result = session.execute(
         delete(FileRow)
-        .where(FileRow.id == file_id, FileRow.state.in_(UNFINISHED), FileRow.updated_at < older_than)
+        .where(FileRow.id == file_id, _idle(older_than, direct_older_than))
         .execution_options(synchronize_session=False)
     )
     return bool(getattr(result, "rowcount", 0))

@@ -47,6 +47,8 @@ class FileRow(Base):
     validation_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     upload_kind: Mapped[str] = mapped_column(String(16), default="single")
     upload_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A direct multipart upload's id in the object store (S3's UploadId: opaque, and longer than ours).
+    storage_upload_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     expected_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     num_parts: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -141,7 +141,7 @@ def test_a_0_1_database_is_migrated_read_as_plans_and_its_running_job_taken_over
     _database_at_0002(settings.database_url)
     db = open_database(settings.database_url)
     with db.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
 
     with db.session() as s:
         queued = repo.get_job(s, job_id="ft-legacy-queued")

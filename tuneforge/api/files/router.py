@@ -44,13 +44,16 @@ def create_file(
     request: Request,
     principal: PrincipalDep,
     db: DbDep,
+    blobs: BlobsDep,
     settings: SettingsDep,
     purpose: Annotated[str, Form()],
     file_name: Annotated[str, Form()],
     file_type: Annotated[str, Form()],
     checksum: Annotated[str, Form()],
 ) -> Response:
-    """Open a single-PUT upload: answers 302 with the signed upload URL in `Location`."""
+    """Open a single-PUT upload: answers 302 with the signed upload URL in `Location` (with storage on S3, the
+    bucket's own presigned PUT, so the bytes bypass this server)."""
+    direct = service.direct_store(blobs, settings)
     row = service.open_single_upload(
         db,
         settings,
@@ -59,9 +62,13 @@ def create_file(
         file_name=file_name,
         file_type=file_type,
         checksum=checksum,
+        direct=direct is not None,
     )
-    query = signed_query(_secret(request), row.id, 0, settings.upload_url_ttl_s, key_id=principal.key_id)
-    location = f"{_base_url(request, settings.public_url)}/uploads/{row.id}?{query}"
+    if direct is not None:
+        location = direct.put_url(service.staging_key(row.id), settings.upload_url_ttl_s)
+    else:
+        query = signed_query(_secret(request), row.id, 0, settings.upload_url_ttl_s, key_id=principal.key_id)
+        location = f"{_base_url(request, settings.public_url)}/uploads/{row.id}?{query}"
     return Response(status_code=302, headers={"Location": location, "X-Together-File-Id": row.id})
 
 
@@ -145,9 +152,11 @@ def _declared_length(request: Request, intake: service.Intake) -> int | None:
 
 
 @router.post("/{file_id}/preprocess", response_model=FilePublic, response_model_by_alias=True)
-def preprocess_file(request: Request, file_id: str, principal: PrincipalDep, db: DbDep) -> FilePublic:
+def preprocess_file(
+    request: Request, file_id: str, principal: PrincipalDep, db: DbDep, blobs: BlobsDep, settings: SettingsDep
+) -> FilePublic:
     """Finalise an uploaded file and queue the server's own dataset check."""
-    row, changed = service.finalise(db, file_id=file_id, owner=principal.owner)
+    row, changed = service.preprocess(db, blobs, settings, file_id=file_id, owner=principal.owner)
     if changed:
         request.app.state.processor.submit(file_id)
     return service.to_public(row)
@@ -155,8 +164,12 @@ def preprocess_file(request: Request, file_id: str, principal: PrincipalDep, db:
 
 @router.post("/multipart/initiate", response_model=MultipartInitiated, responses=errors(409))
 def initiate_multipart_upload(
-    request: Request, body: MultipartInitiate, principal: PrincipalDep, db: DbDep, settings: SettingsDep
-) -> MultipartInitiated:
+    request: Request, body: MultipartInitiate, principal: PrincipalDep, db: DbDep, blobs: BlobsDep,
+    settings: SettingsDep,
+) -> MultipartInitiated:  # fmt: skip
+    """Open a multipart upload: one signed URL per part (with storage on S3, the bucket's own presigned part
+    PUTs, answered with the part's ETag by the bucket)."""
+    direct = service.direct_store(blobs, settings)
     row = service.open_multipart_upload(
         db,
         settings,
@@ -167,11 +180,14 @@ def initiate_multipart_upload(
         checksum=body.checksum,
         file_size=body.file_size,
         num_parts=body.num_parts,
+        direct=direct,
     )
     base = _base_url(request, settings.public_url)
     secret, ttl = _secret(request), settings.upload_url_ttl_s
 
     def part_url(n: int) -> str:
+        if direct is not None and row.storage_upload_id is not None:
+            return direct.part_url(service.blob_key(row.id), row.storage_upload_id, n, ttl)
         return f"{base}/uploads/{row.id}/parts/{n}?{signed_query(secret, row.id, n, ttl, key_id=principal.key_id)}"
 
     parts = [MultipartPartURL(PartNumber=n, URL=part_url(n)) for n in range(1, body.num_parts + 1)]

@@ -27,11 +27,13 @@ from tuneforge.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    StorageError,
     TuneForgeError,
 )
 from tuneforge.ids import new_file_id, new_upload_id
 from tuneforge.settings import Settings
 from tuneforge.storage import BlobStore, BlobWriter
+from tuneforge.storage.direct import DirectUploads
 from tuneforge.storage.layout import file_key
 from tuneforge.store import Database
 from tuneforge.store import files as repo
@@ -76,6 +78,23 @@ def part_limit(blobs: BlobStore, row: FileRow, part_number: int) -> int:
 
 def part_key(file_id: str, part: int) -> str:
     return f"uploads/{file_id}/part-{part:05d}"
+
+
+def staging_key(file_id: str) -> str:
+    """Where a direct single PUT lands: moved to the file's key at /preprocess, so a second PUT with the same URL
+    (valid until it expires) can never change bytes that were verified."""
+    return f"uploads/{file_id}/body"
+
+
+def direct_store(blobs: BlobStore, settings: Settings) -> DirectUploads | None:
+    """The object store's presigned URLs, when uploads go straight to it; None when the server receives them."""
+    return blobs.direct if settings.direct_uploads else None
+
+
+def direct_idle_s(settings: Settings) -> float:
+    """How long a direct upload may go unseen before it counts as abandoned: its URLs must have expired, since the
+    server sees none of its PUTs."""
+    return max(settings.stale_upload_s, float(settings.upload_url_ttl_s))
 
 
 def to_public(row: FileRow) -> FilePublic:
@@ -132,8 +151,17 @@ def _file_name_problem(name: str) -> str | None:
 
 
 def open_single_upload(
-    db: Database, settings: Settings, *, owner: str, purpose: str, file_name: str, file_type: str, checksum: str
+    db: Database,
+    settings: Settings,
+    *,
+    owner: str,
+    purpose: str,
+    file_name: str,
+    file_type: str,
+    checksum: str,
+    direct: bool = False,
 ) -> FileRow:
+    """Open a single-PUT upload; `direct`: its bytes go to the object store's presigned URL, not to the server."""
     digest = check_upload_fields(purpose=purpose, file_name=file_name, file_type=file_type, checksum=checksum)
     with db.session() as s:
         _refuse_duplicate(s, owner=owner, checksum=digest, purpose=purpose)
@@ -145,6 +173,7 @@ def open_single_upload(
             purpose=purpose,
             file_type=file_type,
             checksum=digest,
+            upload_kind="direct" if direct else "single",
         )
 
 
@@ -167,7 +196,11 @@ def open_multipart_upload(
     checksum: str,
     file_size: int,
     num_parts: int,
+    direct: DirectUploads | None = None,
 ) -> FileRow:
+    """Open a multipart upload. With `direct`, the object store's own multipart upload is opened on the file's key
+    (nothing is visible there until it is completed) and the parts go to it; it is aborted again if the upload is
+    refused here."""
     digest = check_upload_fields(purpose=purpose, file_name=file_name, file_type=file_type, checksum=checksum)
     if file_size <= 0:
         raise InvalidRequestError("file_size must be a positive number of bytes", param="file_size")
@@ -177,6 +210,32 @@ def open_multipart_upload(
         )
     if not 1 <= num_parts <= min(MAX_PARTS, file_size):
         raise InvalidRequestError(f"num_parts must be between 1 and {MAX_PARTS}", param="num_parts")
+    file_id = new_file_id()
+    storage_upload_id = direct.start_multipart(blob_key(file_id)) if direct is not None else None
+    try:
+        return _insert_multipart(db, settings, owner=owner, file_id=file_id, purpose=purpose, file_name=file_name,
+                                 file_type=file_type, digest=digest, file_size=file_size, num_parts=num_parts,
+                                 storage_upload_id=storage_upload_id)  # fmt: skip
+    except BaseException:
+        if direct is not None and storage_upload_id is not None:
+            direct.abort_multipart(blob_key(file_id), storage_upload_id)
+        raise
+
+
+def _insert_multipart(
+    db: Database,
+    settings: Settings,
+    *,
+    owner: str,
+    file_id: str,
+    purpose: str,
+    file_name: str,
+    file_type: str,
+    digest: str,
+    file_size: int,
+    num_parts: int,
+    storage_upload_id: str | None,
+) -> FileRow:
     with db.session() as s:
         _refuse_duplicate(s, owner=owner, checksum=digest, purpose=purpose)
         # The row is written before the owner's other uploads are summed, in one transaction (and under the owner's
@@ -184,16 +243,17 @@ def open_multipart_upload(
         repo.lock_owner_uploads(s, owner=owner)
         row = repo.insert_file(
             s,
-            file_id=new_file_id(),
+            file_id=file_id,
             owner=owner,
             filename=file_name,
             purpose=purpose,
             file_type=file_type,
             checksum=digest,
-            upload_kind="multipart",
+            upload_kind="multipart" if storage_upload_id is None else "direct-multipart",
             upload_id=new_upload_id(),
             expected_bytes=file_size,
             num_parts=num_parts,
+            storage_upload_id=storage_upload_id,
         )
         held = repo.pending_bytes(s, owner=owner, excluding=row.id)
         if held + file_size > settings.max_pending_upload_bytes:
@@ -391,6 +451,67 @@ def mark_uploaded(db: Database, blobs: BlobStore, *, file_id: str, size: int) ->
     raise error
 
 
+def preprocess(db: Database, blobs: BlobStore, settings: Settings, *, file_id: str, owner: str) -> tuple[FileRow, bool]:
+    """/preprocess: a direct single upload's bytes are first taken in from where the client PUT them (moved to the
+    file's key, measured and verified); then the file is finalised (`finalise`)."""
+    with db.session() as s:
+        row = s.get(FileRow, file_id)
+        if row is None or row.owner != owner or row.state == "deleted":
+            raise NotFoundError(f"file {file_id!r} not found", param="id")
+        pending_direct = row.state == "uploading" and row.upload_kind == "direct"
+    if pending_direct:
+        _take_in_direct_put(db, blobs, settings, row)
+    return finalise(db, file_id=file_id, owner=owner)
+
+
+def _direct_of(blobs: BlobStore) -> DirectUploads:
+    if blobs.direct is None:
+        raise StorageError("this upload went straight to an object store, but the storage is no longer one")
+    return blobs.direct
+
+
+def _take_in_direct_put(db: Database, blobs: BlobStore, settings: Settings, row: FileRow) -> None:
+    """Move a direct PUT's bytes from the staging key to the file's key, inside the object store (no byte passes
+    through this server but for the hash), verify them, and mark the upload `uploaded`. Called again after a crash
+    between the move and the mark, it finds the bytes already moved."""
+    direct, staging, key = _direct_of(blobs), staging_key(row.id), blob_key(row.id)
+    if blobs.exists(staging):
+        size = blobs.size(staging)
+        if size > settings.max_file_bytes:
+            blobs.delete(staging)
+            raise PayloadTooLargeError(f"upload of {size} bytes is over the limit of {settings.max_file_bytes} bytes")
+        direct.move(staging, key)
+    elif not blobs.exists(key):
+        raise InvalidRequestError(
+            f"file {row.id!r} has no content yet: PUT the bytes to the upload URL before /preprocess"
+        )
+    size = verify_stored(blobs, row)
+    with contextlib.suppress(ConflictError):  # another /preprocess of the same upload took it in first
+        mark_uploaded(db, blobs, file_id=row.id, size=size)
+
+
+def verify_stored(blobs: BlobStore, row: FileRow, *, expected_bytes: int | None = None) -> int:
+    """Hash the bytes stored under the file's key, streamed, against the client's SHA-256 (and size); bytes that
+    do not match are removed and the upload stays open. Returns the size."""
+    sha, size = hashlib.sha256(), 0
+    with blobs.open(blob_key(row.id)) as fh:
+        while block := fh.read(FLUSH_BYTES):
+            sha.update(block)
+            size += len(block)
+    problem = None
+    if size == 0:
+        problem = "the file is empty: a dataset needs at least one sample"
+    elif expected_bytes is not None and size != expected_bytes:
+        problem = f"the parts add up to {size} bytes, but file_size was {expected_bytes}"
+    elif sha.hexdigest() != row.checksum:
+        problem = (f"checksum mismatch: the bytes received hash to {sha.hexdigest()}, but the upload declared "
+                   f"{row.checksum}")  # fmt: skip
+    if problem is not None:
+        blobs.delete(blob_key(row.id))
+        raise InvalidRequestError(problem, param="checksum" if "checksum" in problem else None)
+    return size
+
+
 def finalise(db: Database, *, file_id: str, owner: str) -> tuple[FileRow, bool]:
     """`uploaded` -> `ready` and queued for validation. Returns the row and whether it changed now."""
     with db.session() as s:
@@ -430,7 +551,7 @@ def complete_multipart(
     with db.session() as s:
         row = repo.get_file(s, file_id=file_id, owner=owner, states=("uploading",))
         repo.touch_upload(s, file_id=file_id)
-    if row.upload_kind != "multipart" or row.upload_id != upload_id:
+    if row.upload_kind not in ("multipart", "direct-multipart") or row.upload_id != upload_id:
         raise InvalidRequestError(f"upload_id {upload_id!r} does not belong to file {file_id!r}", param="upload_id")
     numbers = [n for n, _ in parts]
     expected = list(range(1, (row.num_parts or 0) + 1))
@@ -439,6 +560,12 @@ def complete_multipart(
             f"parts must list each part number 1..{row.num_parts} exactly once; got {sorted(numbers)[:20]}",
             param="parts",
         )
+    if row.upload_kind == "direct-multipart":
+        # The object store joins the parts (checking each ETag) into the file's key; then the whole is verified.
+        _direct_of(blobs).complete_multipart(blob_key(file_id), row.storage_upload_id or "", parts)
+        size = verify_stored(blobs, row, expected_bytes=row.expected_bytes)
+        mark_uploaded(db, blobs, file_id=file_id, size=size)
+        return finalise(db, file_id=file_id, owner=owner)[0]
     etags = {n: e.strip('"') for n, e in parts}
     sha = hashlib.sha256()
     writer = blobs.writer(blob_key(file_id))
@@ -491,7 +618,10 @@ def abort_multipart(db: Database, blobs: BlobStore, *, owner: str, file_id: str,
         if row.state != "uploading":
             raise ConflictError(f"the multipart upload of file {file_id} is already complete: delete the file "
                                 "instead", param="file_id")  # fmt: skip
+        storage_upload_id = row.storage_upload_id
         repo.delete_row(s, file_id=file_id)
+    if storage_upload_id is not None:
+        _direct_of(blobs).abort_multipart(blob_key(file_id), storage_upload_id)
     blobs.delete_prefix(f"uploads/{file_id}")
 
 
@@ -529,26 +659,34 @@ def stream_content(blobs: BlobStore, file_id: str, chunk: int = 1 << 20) -> Iter
             yield block
 
 
-def sweep_stale_uploads(db: Database, blobs: BlobStore, *, idle_s: float) -> int:
+def sweep_stale_uploads(db: Database, blobs: BlobStore, *, idle_s: float, direct_idle_s: float | None = None) -> int:
     """Forget uploads that never finished and saw no activity for `idle_s` (no PUT of their bytes or a part
-    started, ran or ended; no /complete): their rows, parts and stored bytes, which were never visible, and
-    temporary files of writes as old (a PUT cut short by a crash). A row goes only while it is still unfinished and
-    still idle, in one conditional statement: a file finished or touched meanwhile stays; files that finished and
-    jobs are never looked at."""
-    cutoff = time.time() - idle_s
+    started, ran or ended; no /complete), and direct uploads opened more than `direct_idle_s` ago (default
+    `idle_s`; their PUTs go to the object store, unseen here): their rows, parts and stored bytes, which were never
+    visible, a direct multipart upload in the object store, and temporary files of writes as old (a PUT cut short
+    by a crash). A row goes only while it is still unfinished and still idle, in one conditional statement: a file
+    finished or touched meanwhile stays; files that finished and jobs are never looked at."""
+    now = time.time()
+    cutoff, direct_cutoff = now - idle_s, now - (idle_s if direct_idle_s is None else direct_idle_s)
     with db.session() as s:
-        candidates = repo.stale_upload_ids(s, older_than=cutoff)
-        ids = [i for i in candidates if repo.delete_stale_upload(s, file_id=i, older_than=cutoff)]
-    for file_id in ids:
+        candidates = repo.stale_upload_ids(s, older_than=cutoff, direct_older_than=direct_cutoff)
+        gone = [
+            (i, u)
+            for i, u in candidates
+            if repo.delete_stale_upload(s, file_id=i, older_than=cutoff, direct_older_than=direct_cutoff)
+        ]
+    for file_id, storage_upload_id in gone:
+        if storage_upload_id is not None and blobs.direct is not None:
+            blobs.direct.abort_multipart(blob_key(file_id), storage_upload_id)
         blobs.delete_prefix(f"uploads/{file_id}")
         blobs.delete(blob_key(file_id))
     blobs.sweep_temporary(idle_s)
-    return len(ids)
+    return len(gone)
 
 
-async def sweep_while_serving(db: Database, blobs: BlobStore, *, idle_s: float) -> None:
+async def sweep_while_serving(db: Database, blobs: BlobStore, *, idle_s: float, direct_idle_s: float) -> None:
     """Sweep idle uploads every `sweep_interval(idle_s)` until cancelled (the app's lifespan runs this)."""
-    sweep = functools.partial(sweep_stale_uploads, db, blobs, idle_s=idle_s)
+    sweep = functools.partial(sweep_stale_uploads, db, blobs, idle_s=idle_s, direct_idle_s=direct_idle_s)
     while True:
         await anyio.sleep(sweep_interval(idle_s))
         try:
