@@ -33,5 +33,17 @@ def test_a_replica_sees_only_its_devices(tmp_path: Path, monkeypatch) -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == "0,2" and argv[argv.index("--device") + 1] == "cuda"
     argv, env = launch_command(Settings(home=tmp_path, serve_backend="vllm"), SOURCE, 8000, devices="1")
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and "--device" not in argv  # vLLM places itself on what it sees
+    assert "--tensor-parallel-size" not in argv  # one GPU: no sharding
     argv, env = launch_command(settings, SOURCE, 8000)  # serverless: not pinned, on the CPU
     assert "CUDA_VISIBLE_DEVICES" not in env and "--device" not in argv
+
+
+def test_a_vllm_replica_on_several_gpus_shards_the_model_over_them(tmp_path: Path) -> None:
+    vllm = Settings(home=tmp_path, serve_backend="vllm")
+    argv, env = launch_command(vllm, SOURCE, 8000, devices="0,2")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,2"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    argv, _ = launch_command(vllm, SOURCE, 8000, devices="0,1,2,3")
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    argv, _ = launch_command(vllm, SOURCE, 8000)  # serverless: whatever vLLM sees, unsharded
+    assert "--tensor-parallel-size" not in argv

@@ -40,7 +40,8 @@ def launch_command(
         if devices:  # a replica on GPU hardware: tuneforge's engine on the GPUs it is given
             command += ["--device", "cuda"]
     elif settings.serve_backend == "vllm":
-        command, env = vllm_command(settings, source, port)
+        gpus = len([d for d in (devices or "").split(",") if d.strip()])
+        command, env = vllm_command(settings, source, port, tensor_parallel=max(1, gpus))
     else:
         raise ValueError(f"unknown serving backend {settings.serve_backend!r}")
     if devices is not None:

@@ -14,7 +14,10 @@ download needed) and `exec`s vLLM with the folder inserted after the first N wor
 and start timeout for the pool, whose `/health` wait covers preparation and vLLM's start alike. vLLM's command line:
 
     <vllm_command words> <folder> --host 127.0.0.1 --port P --served-model-name <source.name> --enable-lora
-        --max-loras N --max-lora-rank R --max-cpu-loras M [--dtype float32|bfloat16] <vllm_extra_args words>
+        --max-loras N --max-lora-rank R --max-cpu-loras M [--dtype float32|bfloat16]
+        [--tensor-parallel-size G] <vllm_extra_args words>
+
+A replica placed on G > 1 GPUs (the hardware its endpoint chose) shards the model over them: tensor_parallel_size G.
 
 `vllm_command` is therefore a command the model folder may follow: `vllm serve` (vLLM's CLI takes the model as
 its first positional argument) or `/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server --model`.
@@ -38,8 +41,11 @@ NOT_FOR_VLLM = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "HF_TOKEN", "HUGGING_
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def vllm_argv(settings: Settings, source: ModelSource, port: int, folder: str | Path) -> list[str]:
-    """vLLM's own command line for serving `folder` as `source.name` on 127.0.0.1:`port`."""
+def vllm_argv(
+    settings: Settings, source: ModelSource, port: int, folder: str | Path, *, tensor_parallel: int = 1
+) -> list[str]:
+    """vLLM's own command line for serving `folder` as `source.name` on 127.0.0.1:`port`, sharded over
+    `tensor_parallel` GPUs."""
     argv = [
         *shlex.split(settings.vllm_command), str(folder),
         "--host", "127.0.0.1",
@@ -52,15 +58,19 @@ def vllm_argv(settings: Settings, source: ModelSource, port: int, folder: str | 
     ]  # fmt: skip
     if settings.serve_dtype in _DTYPES:
         argv += ["--dtype", _DTYPES[settings.serve_dtype]]
+    if tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(tensor_parallel)]
     return argv + shlex.split(settings.vllm_extra_args)
 
 
-def vllm_command(settings: Settings, source: ModelSource, port: int) -> tuple[list[str], dict[str, str]]:
+def vllm_command(
+    settings: Settings, source: ModelSource, port: int, *, tensor_parallel: int = 1
+) -> tuple[list[str], dict[str, str]]:
     """The pool's command line (tuneforge's launcher, which becomes vLLM) and its explicit environment."""
     words = shlex.split(settings.vllm_command)
     if not words:
         raise ValueError("TUNEFORGE_VLLM_COMMAND is empty: it names the command that starts vLLM, e.g. 'vllm serve'")
-    full = vllm_argv(settings, source, port, "")
+    full = vllm_argv(settings, source, port, "", tensor_parallel=tensor_parallel)
     command = [
         sys.executable, "-m", "tuneforge.serve", "--prepare-only",
         "--source", msgspec.json.encode(source).decode(),
