@@ -144,7 +144,12 @@ class Settings(BaseSettings):
     duplicate_job_window_s: float = Field(
         30.0, description="an identical POST /fine-tunes from the same owner within this window returns the first job"
     )
-    executor: str = Field("local", description="how training runs: local (a child process per job) or fake")
+    executor: str = Field(
+        "local",
+        description="how training runs: local (a child process per job), ray (a Ray job per run, on the "
+        "cluster at ray_address; model servers are placed by Ray too) or fake",
+    )
+    ray_address: str = Field("", description="the Ray cluster's dashboard address (http://HEAD:8265), for executor ray")
     run_worker: bool = Field(True, description="run the job worker inside the API server")
     prepare_models: bool = Field(
         True, description="a preview of a model no run has prepared yet converts or downloads it in the background"
@@ -163,6 +168,11 @@ class Settings(BaseSettings):
     serve_max_batch: int = Field(32, ge=1, description="requests one model server decodes together")
     serve_max_loras: int = Field(8, ge=1, description="LoRA adapters one model server keeps loaded (LRU)")
     serve_threads: int | None = Field(None, description="torch threads per model server (default: all cores)")
+    serve_bind_host: str = Field(
+        "127.0.0.1",
+        description="address model servers listen on: loopback on one machine; 0.0.0.0 when Ray places them on "
+        "several machines (the cluster's network must be private: a model server has no authentication of its own)",
+    )
     endpoint_scale_up_load: float = Field(
         8.0,
         gt=0,

@@ -25,6 +25,7 @@ import httpx
 
 from tuneforge.catalog.source import ModelSource, safe_name
 from tuneforge.serve.backends import launch_command
+from tuneforge.serve.placement import LOOPBACK, ServerProcess, start_local, start_on_ray
 from tuneforge.settings import Settings
 
 log = logging.getLogger("tuneforge.serve.pool")
@@ -44,7 +45,7 @@ class ModelProcess:
     key: str
     source: ModelSource
     port: int
-    proc: subprocess.Popen[bytes]
+    proc: ServerProcess  # a child process, or a Ray job (`serve/placement.py`)
     log_path: Path
     memory: int
     started_at: float = field(default_factory=time.monotonic)
@@ -60,7 +61,8 @@ class ModelProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        # A server placed by Ray is reached at its node's address, known once Ray has started it.
+        return f"http://{self.proc.host or LOOPBACK}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -228,11 +230,17 @@ class ModelServerPool:
         log_path = logs / f"serve-{safe_name(key)}.log"
         port = _free_port()
         command, env = launch_command(self.settings, source, port, devices=devices)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc: ServerProcess
+        if self.settings.executor == "ray":  # the cluster places it, with the memory and GPUs it needs
+            gpus = len([d for d in (devices or "").split(",") if d.strip()])
+            proc = start_on_ray(self.settings, command, env, log_path, memory=memory, gpus=gpus)
+            where = f"Ray job {proc.submission_id}"
+        else:
+            proc = start_local(command, env, log_path)
+            where = f"pid {proc.pid}"
         server = ModelProcess(key=key, source=source, port=port, proc=proc, log_path=log_path, memory=memory)
         (self._replicas if replica else self._servers)[key] = server
-        log.info("started model server for %s on port %d (pid %d)", key, port, proc.pid)
+        log.info("started model server for %s on port %d (%s)", key, port, where)
         return server
 
     def _used(self) -> int:

@@ -19,6 +19,7 @@ def transformers_command(settings: Settings, source: ModelSource, port: int) -> 
         sys.executable, "-m", "tuneforge.serve",
         "--source", msgspec.json.encode(source).decode(),
         "--cache-dir", str(settings.home / "models"),
+        "--host", settings.serve_bind_host,
         "--port", str(port),
         "--dtype", settings.serve_dtype,
         "--max-batch", str(settings.serve_max_batch),

@@ -44,11 +44,11 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 def vllm_argv(
     settings: Settings, source: ModelSource, port: int, folder: str | Path, *, tensor_parallel: int = 1
 ) -> list[str]:
-    """vLLM's own command line for serving `folder` as `source.name` on 127.0.0.1:`port`, sharded over
+    """vLLM's own command line for serving `folder` as `source.name` on `serve_bind_host`:`port`, sharded over
     `tensor_parallel` GPUs."""
     argv = [
         *shlex.split(settings.vllm_command), str(folder),
-        "--host", "127.0.0.1",
+        "--host", settings.serve_bind_host,
         "--port", str(port),
         "--served-model-name", source.name,
         "--enable-lora",
