@@ -204,6 +204,13 @@ class Settings(BaseSettings):
     train_slots: int = Field(1, description="how many training runs at once (one per device slot)")
     train_device: str = Field("cpu", description="device for training runs: cpu or cuda:N")
     train_threads: int | None = Field(None, description="torch threads per training run (default: all cores)")
+    train_processes: int = Field(
+        1,
+        ge=1,
+        description="data-parallel processes per SFT run (executor local: started by torchrun; gloo on CPU, one GPU "
+        "each from train_device on CUDA); the run's threads are shared among them; DPO and vision-language runs "
+        "use one",
+    )
     train_dtype: TrainDtype = Field(
         "auto", description="compute dtype of training runs: auto (bf16 autocast where bf16 is fast), fp32 or bf16"
     )

@@ -34,4 +34,14 @@ def build_spec(
         device=settings.train_device,
         num_threads=settings.train_threads,
         dtype=settings.train_dtype,
+        processes=_processes(plan, settings),
     )
+
+
+def _processes(plan: JobPlan, settings: Settings) -> int:
+    """Data-parallel processes for the run: the setting's, for SFT on a text model. DPO trains in one process (its
+    recipe has no data-parallel path), and so does a vision-language model (its examples carry images, which the
+    SFT recipe does not share among processes)."""
+    if plan.method != "sft" or plan.train_vision is not None:
+        return 1
+    return settings.train_processes

@@ -110,6 +110,21 @@ class EventWriter:
         self._fh.close()
 
 
+class NullEventWriter(EventWriter):
+    """An event stream that drops every record: the one a data-parallel run's ranks other than 0 write to
+    (`train/distributed.py`), so the run has one voice (one `result`, one metric per step) while every rank runs
+    the same recipe code."""
+
+    def __init__(self) -> None:  # no file: nothing is ever written
+        pass
+
+    def write(self, record: Record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_events(path: str, offset: int) -> tuple[list[Record], int]:
     """Complete records written after `offset`; returns them and the new offset (a torn last line waits).
 

@@ -179,6 +179,9 @@ class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "cpu"
     num_threads: int | None = None
     dtype: TrainDtype = "auto"  # compute dtype; auto: bf16 autocast where bf16 is fast
+    # Data-parallel processes (`train/distributed.py`): the local executor starts the run under torchrun when > 1.
+    # The same global batch trains the same curve at any number, so a checkpoint resumes at any other.
+    processes: int = 1
 
     @property
     def hyper(self) -> Hyper:
@@ -210,7 +213,8 @@ class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
     def digest(self) -> str:
         """A stable hash of what the run computes (attempt, paths and resume point excluded)."""
         data: dict[str, Any] = msgspec.to_builtins(self)
-        for volatile in ("attempt", "resume", "work_dir", "events_path", "cache_dir", "storage_url"):
+        # `processes` too: how many processes share the work changes nothing the run computes
+        for volatile in ("attempt", "resume", "work_dir", "events_path", "cache_dir", "storage_url", "processes"):
             data.pop(volatile, None)
         return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()
 

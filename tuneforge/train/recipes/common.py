@@ -28,11 +28,13 @@ from tuneforge.data.tokenization.templates import adopt_training_template
 from tuneforge.errors import InvalidRequestError
 from tuneforge.storage import BlobStore, open_blob_store
 from tuneforge.storage.layout import RESUME_DIR, checkpoint_prefix, final_prefix
+from tuneforge.train import distributed
 from tuneforge.train.checkpoints import load_resume, publish, restore_rng, save_resume, save_weights, write_manifest
 from tuneforge.train.events import EventWriter
 from tuneforge.train.fencing import check_current
 from tuneforge.train.hardware import (
     MemoryPlan,
+    available_memory,
     bf16_is_fast,
     compute_dtype,
     max_batch_examples,
@@ -72,9 +74,11 @@ class Setup:
 
 
 def begin(spec: TrainSpec) -> Setup:
-    """The run's setup, with every random generator seeded from the job's seed."""
-    device = torch.device(spec.device)
-    threads = set_threads(spec.num_threads)
+    """The run's setup, with every random generator seeded from the job's seed. In a data-parallel run every rank
+    seeds alike (so all build the same model), computes on its own GPU (CUDA) and takes its share of the run's
+    threads; they share the work folder, which rank 0 alone writes (`train/distributed.py`)."""
+    device = distributed.local_device(torch.device(spec.device))
+    threads = set_threads(distributed.threads_per_process(spec.num_threads))
     use_bf16 = compute_dtype(spec.dtype, device) == torch.bfloat16
     work = Path(spec.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -108,8 +112,11 @@ def prepare_training(model: Any, spec: TrainSpec, device: torch.device, longest_
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     config = causal_lm(model).config
+    # The ranks of a data-parallel run on CPU share this machine's memory: each plans with its share of it.
+    ranks = distributed.size()
+    free = available_memory(device) // ranks if device.type == "cpu" and ranks > 1 else None
     mem = plan_memory(getattr(config, "text_config", None) or config, total_params=total, trainable_params=trainable,
-                      longest_row=longest_row, device=device)  # fmt: skip
+                      longest_row=longest_row, device=device, free_bytes=free)  # fmt: skip
     if mem.activation_checkpointing:
         causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     decay = [p for p in params if p.ndim >= 2]
@@ -358,8 +365,11 @@ def vocab_size(folder: Path) -> int | None:
 
 
 def fetch(blobs: BlobStore, prefix: str, target: Path) -> Path:
-    """A checkpoint or output folder, copied from the blob store into the work folder."""
-    download_folder(blobs, prefix, target)
+    """A checkpoint or output folder, copied from the blob store into the work folder: by rank 0, while the other
+    ranks of a data-parallel run (which share the work folder) wait for it."""
+    if distributed.is_main():
+        download_folder(blobs, prefix, target)
+    distributed.barrier()
     return target
 
 

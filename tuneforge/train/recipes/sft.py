@@ -3,6 +3,14 @@
 Reads top to bottom: resolve the model -> tokenize the data -> build model, optimizer and schedule (or restore them
 from a checkpoint) -> train with evaluations, early stopping and checkpoints -> save and upload the final weights.
 Knows the TrainSpec, the blob store and the event stream; nothing about jobs, the database or HTTP.
+
+Data-parallel (`spec.processes` > 1, under torchrun; `train/distributed.py`): every rank tokenizes and builds the
+model alike, takes its share of each step's examples and backpropagates its loss over the whole step's trained
+tokens; the gradients are summed across ranks before the optimizer step, so every rank takes the step one process
+would. Metrics, evaluations and the stop flag are reduced across ranks, so every rank decides alike (early stopping,
+cancelling); rank 0 alone writes events, the tokenized set, checkpoints and final weights. A vision-language model
+trains in one process only (its examples carry images, not shared among ranks here); the job layer never asks
+otherwise (`jobs/specs.py`), and a run started so by hand is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from tuneforge.data.tokenization.tokenize import tokenize_blob
 from tuneforge.errors import InvalidRequestError
 from tuneforge.storage import BlobStore
 from tuneforge.storage.layout import tokenized_key
+from tuneforge.train import distributed as dist
 from tuneforge.train import wandb_log
 from tuneforge.train.batching import (
     Row,
@@ -79,7 +88,10 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     # ---- 1. Model files: the base, plus the weights to start from (a checkpoint to resume, or from_checkpoint).
     files = prepare_model_files(spec, blobs, work, out)
     tokenizer, pad_id = files.tokenizer, files.pad_id
-    if stop.is_set():
+    if files.vision and dist.size() > 1:
+        raise InvalidRequestError(f"{spec.model.name} is a vision-language model, which trains in one process; run "
+                                  f"it with processes=1 (it was started as {dist.size()})")  # fmt: skip
+    if dist.any_rank(stop.is_set()):
         return Outcome("cancelled", "Cancelled before training started")
 
     # ---- 2. Data: tokenize (masking per train_on_inputs), check, publish the tokenized set; one row per example.
@@ -118,7 +130,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
             f"tokens, {val_report.dropped:,} dropped{reasons(val_report)}",
         )
     key = tokenized_key(spec.job_id)
-    if not blobs.exists(key):
+    if dist.is_main() and not blobs.exists(key):
         _write_tokenized(blobs, key, examples)
         out.event(
             "tokenized_dataset_upload_complete", "The tokenized training set is stored", tokenized_dataset_path=key
@@ -130,7 +142,7 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     loss_of = vision_token_loss if files.vision else trained_token_loss
     del examples
     lengths = [r.length for r in rows]
-    if stop.is_set():
+    if dist.any_rank(stop.is_set()):
         return Outcome("cancelled", "Cancelled before training started")
 
     # ---- 3. Model: fp32 weights (bf16 autocast where it is fast, or where spec.dtype asks), LoRA or full.
@@ -140,12 +152,15 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     # `batch_size` is examples per optimizer step, packing or not ("max": as many examples of the data's mean length
     # as one forward holds, decided once and kept by a resumed run). The data order is a pure function of (seed,
     # epoch, examples per step): a resumed run replays it exactly. Packing only lays a step's examples into rows of
-    # up to max_seq_length tokens, and no longer than one forward's budget.
+    # up to max_seq_length tokens, and no longer than one forward's budget. Data-parallel ranks share each step, so
+    # `batch_size` is the global one; the ranks agree on it ("max" follows each rank's free memory).
     saved = load_saved(files)
-    batch_size = examples_per_step(spec, saved, mem, math.ceil(sum(lengths) / len(lengths)))
+    batch_size = dist.min_over_ranks(examples_per_step(spec, saved, mem, math.ceil(sum(lengths) / len(lengths))))
     packing = hp.packing and not files.vision  # packed rows would mix several examples' images
     pack_to = max(max(lengths), min(hp.max_seq_length, mem.tokens_per_forward)) if packing else None
     accumulation = max(1, hp.gradient_accumulation_steps)
+    # Each rank holds about 1/N of a step: as many micro-batches of about the same size as one process would use.
+    rank_accumulation = -(-accumulation // dist.size())
     per_epoch = steps_per_epoch(len(rows), batch_size)
     total_steps = per_epoch * hp.n_epochs
     scheduler = make_scheduler(training.optimizer, hyper=hp, total_steps=total_steps)
@@ -159,7 +174,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
     manifest = manifest_base(spec, METHOD, total_steps)
 
     autocast = setup.autocast
-    wandb_run = wandb_log.start(spec, out, total_steps)
+    processes = dist.size()
+    wandb_run = wandb_log.start(spec, out, total_steps) if dist.is_main() else None
     out.event(
         "training_start",
         f"Training {'LoRA' if lora else 'all'} weights of {spec.model.name} ({training.trainable:,} of "
@@ -167,8 +183,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         f"{len(rows):,} examples x {hp.n_epochs} epochs, {batch_size:,} examples per step "
         f"({f'packed into rows of up to {pack_to:,} tokens' if pack_to else 'unpacked'}"
         f"{', images and text' if files.vision else ''})"
-        f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, {setup.precision}, {setup.threads} "
-        f"threads on "
+        f"{f' in {accumulation} micro-batches' if accumulation > 1 else ''}, {setup.precision}, "
+        f"{f'{processes} data-parallel processes of ' if processes > 1 else ''}{setup.threads} threads on "
         f"{device.type}{', activation checkpointing' if mem.activation_checkpointing else ''}",
         total_steps=total_steps,
         param_count=training.param_count(lora),
@@ -179,17 +195,25 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         eval_steps=len(eval_at),
         step=step,
         dtype=setup.dtype,
+        processes=processes,
     )
 
     def save(at_step: int, at_epoch: int, in_epoch: int) -> None:
         at_epoch, in_epoch = resume_position(at_epoch, in_epoch, per_epoch)
         run_state = {"step": at_step, "epoch": at_epoch, "step_in_epoch": in_epoch, "examples_per_step": batch_size,
                      "plan_digest": digest, "early_stopping": early, "total_steps": total_steps}  # fmt: skip
-        save_checkpoint(spec, setup, out, model, tokenizer, training, scheduler, state=run_state, manifest=manifest)
+        # Nothing in it depends on the number of processes (every rank holds the same optimizer, schedule and RNG
+        # state), so rank 0's is the run's, and it resumes at any number. No rank runs on before it is saved.
+        if dist.is_main():
+            save_checkpoint(spec, setup, out, model, tokenizer, training, scheduler, state=run_state,
+                            manifest=manifest)  # fmt: skip
+        dist.barrier()
 
     # ---- 4. Train: each optimizer step takes `batch_size` examples, split into `accumulation` micro-batches, each laid
     # into rows (packed or one per example) and forwarded in memory-sized chunks. The loss is the mean over every
     # trained token of the whole step, so neither the micro-batches, the rows nor the chunks change the arithmetic.
+    # Data-parallel, nor do the ranks: each takes its share of the step's examples (`dist.shard`, balanced in tokens)
+    # and divides by the whole step's trained tokens; the sum of the ranks' gradients is the step's.
     early_stopped = False
     cancelled = False
     last_loss: float | None = None  # the model card's
@@ -198,9 +222,9 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         plan = plan_epoch(len(rows), batch_size=batch_size, seed=hp.seed, epoch=epoch)
         for k in range(skip, len(plan)):
             started = time.perf_counter()
-            n_trained = sum(rows[i].trained for i in plan[k])
+            n_trained = sum(rows[i].trained for i in plan[k])  # the whole step's, on every rank
             loss_sum, correct, real_tokens = 0.0, 0, 0
-            for micro in micro_batches(plan[k], accumulation):
+            for micro in micro_batches(dist.shard(plan[k], lengths), rank_accumulation):
                 laid = lay_out([rows[i] for i in micro], pack_to)
                 laid_lengths = [r.length for r in laid]
                 # unpacked (images): laid row j is example micro[order[j]]
@@ -216,6 +240,10 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                     loss_sum += float(chunk_loss.detach())
                     correct += int(chunk_correct)
                     real_tokens += sum(laid_lengths[i] for i in chunk)
+            if processes > 1:
+                dist.all_reduce_grads(training.params)
+                summed = dist.all_reduce_sum([loss_sum, correct, real_tokens])
+                loss_sum, correct, real_tokens = summed[0], int(summed[1]), int(summed[2])
             grad_norm, lr = optimizer_step(training, scheduler, hp.max_grad_norm)
             step += 1
             seconds = time.perf_counter() - started
@@ -271,9 +299,10 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
                         early_stopping_best_metric_value=early["best"],
                     )
 
-            if stop.is_set() or (step in ckpt_at and not early_stopped):
+            stopping = dist.any_rank(stop.is_set())  # the ranks stop (and checkpoint) at the same step
+            if stopping or (step in ckpt_at and not early_stopped):
                 save(step, epoch, k + 1)
-            if stop.is_set():
+            if stopping:
                 cancelled = True
                 break
             if early_stopped:
@@ -287,6 +316,8 @@ def run(spec: TrainSpec, out: EventWriter, stop: threading.Event) -> Outcome:
         wandb_run.finish()
     if cancelled:
         return Outcome("cancelled", f"Cancelled at step {step} of {total_steps}; checkpoint saved", {"step": step})
+    if not dist.is_main():  # rank 0 saves the final weights and reports; this rank's outcome is not written
+        return Outcome("completed", f"Rank {dist.rank()} trained its share of {step} steps", {"step": step})
 
     # ---- 5. Save: the adapter and the merged model (LoRA) or the whole model (full), each self-describing.
     out.event("training_complete", f"Training completed at step {step} of {total_steps}", step=step)
@@ -384,13 +415,15 @@ def _evaluate(
     """Mean loss and token accuracy over every trained token of the validation rows.
 
     `heartbeat` is called every 30 s or so, so a long evaluation does not look like a silent, dead run. `vision`:
-    a vision-language model's processor and each row's images.
+    a vision-language model's processor and each row's images. Data-parallel, each rank evaluates its share of the
+    rows and the sums are added up across ranks, so every rank gets the same figures (and decides early stopping
+    alike).
     """
     model.eval()
     lengths = [r.length for r in rows]
     loss_sum, correct, count = 0.0, 0, 0
     beat_at = time.monotonic() + 30
-    for chunk in split_by_tokens(range(len(rows)), lengths, tokens_per_forward):
+    for chunk in split_by_tokens(dist.shard(range(len(rows)), lengths), lengths, tokens_per_forward):
         parts = collate([rows[i] for i in chunk], pad_id)
         if vision is not None:
             parts.update(pixel_inputs(vision[0], [vision[1][i] for i in chunk]))
@@ -404,4 +437,7 @@ def _evaluate(
             heartbeat()
             beat_at = time.monotonic() + 30
     model.train()
+    if dist.size() > 1:
+        loss_sum, correct_sum, count_sum = dist.all_reduce_sum([loss_sum, correct, count])
+        correct, count = int(correct_sum), int(count_sum)
     return loss_sum / max(1, count), correct / max(1, count)
