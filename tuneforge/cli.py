@@ -219,7 +219,7 @@ def worker(home: HomeOpt = None) -> None:
         open_database(settings.database_url, secrets_key=home_key(settings.home, settings.secrets_key)),
         open_blob_store(settings.storage_url),
         settings,
-        make_executor(settings.executor),
+        make_executor(settings.executor, settings),
         slots=settings.train_slots,
     )
     done = threading.Event()

@@ -104,7 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
         db, app.state.pool, settings, app.state.endpoint_resolver, hardware_options=lambda: app.state.hardware()
     )
     app.state.worker = (
-        Worker(db, blobs, settings, make_executor(settings.executor), slots=settings.train_slots)
+        Worker(db, blobs, settings, make_executor(settings.executor, settings), slots=settings.train_slots)
         if settings.run_worker
         else None
     )

@@ -1,1 +1,2 @@
-"""Executors run TrainSpecs: local (a child process), fake (a scripted run for tests); see registry."""
+"""Executors run TrainSpecs: local (a child process), ray (a Ray job on a cluster), fake (a scripted run for
+tests); see registry."""
