@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -97,24 +98,7 @@ class RayCluster:
         """The processes of this cluster: those whose command line names its temporary folder or GCS port, and
         everything they started (Ray's workers rename themselves, and job entrypoints run under them)."""
         gcs = re.compile(rb"127\.0\.0\.1:" + str(self.gcs_port).encode() + rb"(?!\d)")
-        parents: dict[int, int] = {}
-        roots = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                pid = int(entry.name)
-                parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (entry / "cmdline").read_bytes()
-                if str(self.temp_dir).encode() in cmdline or gcs.search(cmdline):
-                    roots.add(pid)
-        found = set(roots)
-        grew = True
-        while grew:
-            more = {pid for pid, parent in parents.items() if parent in found and pid not in found}
-            found |= more
-            grew = bool(more)
-        return sorted(found)
+        return process_tree(lambda cmdline: str(self.temp_dir).encode() in cmdline or bool(gcs.search(cmdline)))
 
     def stop(self) -> None:
         """SIGTERM to every process of the cluster, then SIGKILL to those and any found since (a process whose
@@ -130,6 +114,26 @@ class RayCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def process_tree(match: Callable[[bytes], bool]) -> list[int]:
+    """The processes whose command line `match`es, and their descendants (not this process)."""
+    parents: dict[int, int] = {}
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pid = int(entry.name)
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if match((entry / "cmdline").read_bytes()):
+                found.add(pid)
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in found and pid not in found}
+        found |= more
+        grew = bool(more)
+    return sorted(found)
 
 
 _cluster: RayCluster | None = None

@@ -125,24 +125,7 @@ def _live(pids: list[int]) -> list[int]:
     return alive
 
 
-def _tree(match: Callable[[bytes], bool]) -> list[int]:
-    """The processes whose command line `match`es, and their descendants."""
-    parents: dict[int, int] = {}
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            pid = int(entry.name)
-            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if match((entry / "cmdline").read_bytes()):
-                found.add(pid)
-    grew = True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in found and pid not in found}
-        found |= more
-        grew = bool(more)
-    return sorted(found)
+_tree = ray_support.process_tree
 
 
 def _trainers(spec_path: str) -> list[int]:
